@@ -1,0 +1,45 @@
+# Two set-up commands: `make demo` runs the default pipeline, `make test` runs lint + tests.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test lint ui flow clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, from this machine's local wheels (never uv/poetry: several GB of downloads)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torchattacks pins an old requests that conflicts with prefect/mlflow/dvc; its code needs none of it
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	vpt-robust data
+	dvc repro
+	vpt-robust show
+
+test: install
+	ruff check .
+	ruff format --check .
+	pytest
+
+ui: install
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+flow: install
+	python -m flows.pipeline
+
+clean:
+	rm -rf outputs metrics mlflow.db mlartifacts

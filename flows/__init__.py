@@ -1,0 +1,1 @@
+"""Prefect flows over the pipeline's stages (the only package that imports prefect)."""

@@ -1,0 +1,117 @@
+"""The `vpt-robust` command line: stages (what dvc.yaml calls), data, params, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vpt_robust.config import ConfigError, Params, load_params, parse_override
+
+
+def _params(args: argparse.Namespace) -> Params:
+    overrides: dict[str, Any] = {}
+    from vpt_robust.config import deep_merge
+
+    for text in args.set or []:
+        overrides = deep_merge(overrides, parse_override(text))
+    return load_params(args.params, preset=args.preset, overrides=overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", help="a preset in configs/ merged over the params file")
+    p.add_argument("--set", action="append", metavar="BLOCK.FIELD=VALUE", help="override a value")
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from vpt_robust.stages import run_stage
+
+    params = _params(args)
+    result = run_stage(args.name, params)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from vpt_robust.data.versioning import DataVersionError, ensure_data
+
+    params = _params(args)
+    try:
+        message = ensure_data(params, dvc_file=Path(args.dvc_file), force=args.force)
+    except DataVersionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(message)
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_params(args).model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    params = _params(args)
+    from vpt_robust.stages.common import Layout
+
+    report = Layout.of(params).outputs / "report" / "report.md"
+    if not report.is_file():
+        print(f"error: {report} not found: run `dvc repro` first", file=sys.stderr)
+        return 2
+    print(report.read_text())
+    print(
+        "Browse every run in MLflow: `make ui` (then open http://127.0.0.1:5000), "
+        f"store {params.tracking.uri}, experiment '{params.tracking.experiment}'."
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpt-robust", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from vpt_robust.stages import STAGES
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p.add_argument("name", choices=STAGES)
+    p.add_argument("--json", action="store_true", help="print the stage's result as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser(
+        "data", help="materialise the embedded default data and check it against data.dvc"
+    )
+    p.add_argument("--dvc-file", default="data.dvc")
+    p.add_argument("--force", action="store_true", help="rebuild even if data/ is up to date")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "params", help="print the merged, validated params (e.g. to write a preset's params.yaml)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("show", help="print the headline report and how to browse results")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Materialise the embedded default data and check it against what `data.dvc` records.
+
+The data are generated, not downloaded, so a fresh machine must reproduce exactly the bytes that
+DVC versioned; if it does not, say so loudly rather than train on silently different data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vpt_robust.config import Params
+
+
+class DataVersionError(RuntimeError):
+    """The materialised data do not match the version recorded in data.dvc."""
+
+
+def dvc_status(dvc_file: Path) -> str | None:
+    """None when the workspace matches ``dvc_file``, else DVC's word for the change."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(dvc_file.resolve().parent))
+    try:
+        status = repo.status(targets=[str(dvc_file.resolve())])
+    finally:
+        repo.close()
+    for entries in status.values():
+        for entry in entries:
+            if isinstance(entry, dict) and "changed outs" in entry:
+                return ", ".join(f"{k} {v}" for k, v in entry["changed outs"].items())
+    return None
+
+
+def ensure_data(params: Params, *, dvc_file: Path = Path("data.dvc"), force: bool = False) -> str:
+    """Build ``paths.data`` from the data params unless it already matches ``dvc_file``."""
+    from vpt_robust.data.embedded import materialize
+
+    root = Path(params.paths.data)
+    tracked = dvc_file.is_file()
+    if tracked and not force and root.exists() and dvc_status(dvc_file) is None:
+        return f"{root}/ is up to date with {dvc_file}"
+    cfg = params.data
+    materialize(root, seed=cfg.seed, image_size=cfg.image_size, per_class_style=cfg.per_class_style)
+    if not tracked:
+        return f"materialised {root}/; version it with `dvc add {root}` and commit {dvc_file}"
+    change = dvc_status(dvc_file)
+    if change is not None:
+        raise DataVersionError(
+            f"{root}/ materialised from params (data.seed={cfg.seed}, data.image_size="
+            f"{cfg.image_size}, data.per_class_style={cfg.per_class_style}) does not match "
+            f"{dvc_file} ({change}). Either the data params changed since data.dvc was written "
+            f"(then run `dvc add {root}` and commit {dvc_file}), or this machine renders "
+            "differently (numpy / scikit-image versions)."
+        )
+    return f"materialised {root}/; it matches {dvc_file}"
