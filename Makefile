@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE := 1
+export OMP_WAIT_POLICY := PASSIVE
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# torchattacks pins an old requests that conflicts with prefect/mlflow/dvc; its code needs none of it
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
+	# robustbench's model zoo (a backbone source); its own pins clash with timm/open_clip, and it
+	# must come after torchattacks, whose wheel carries an old robustbench copy
+	$(BIN)/python -m pip install -q --no-deps robustbench==1.1.1 geotorch==0.4.0 torchdiffeq==0.2.5 \
+		gdown==5.1.0 beautifulsoup4==4.15.0 soupsieve==4.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

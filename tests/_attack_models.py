@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,3 +94,13 @@ class DropoutAlways(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(F.dropout(x, self.p, training=True))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These models are tiny: intra-op threads only add synchronisation, and on a shared 2-core
+    machine a second thread made AutoAttack 3x slower. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,10 +28,17 @@ def test_pipeline_flow_runs_all_stages(prefect_harness, tmp_path: Path, monkeypa
     state = pipeline(preset="smoke", params_file="params.yaml", return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert list(result) == ["prepare", "pretrain", "train_prompt", "evaluate", "report"]
+    assert list(result) == [
+        "prepare",
+        "pretrain",
+        "train_prompt",
+        "evaluate",
+        "stream_eval",
+        "report",
+    ]
     evaluation = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert evaluation["results"]["padding"]["base"]["clean"]["mean"] >= 0
-    assert (tmp_path / "outputs" / "prompts" / "seed_0.safetensors").is_file()
+    assert (tmp_path / "outputs" / "prompts" / "padding" / "seed_0.safetensors").is_file()
 
     from mlflow.tracking import MlflowClient
 

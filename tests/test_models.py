@@ -104,3 +104,15 @@ def test_timm_backbone_from_local_weights(tmp_path: Path) -> None:
     save_file({"nonsense": torch.zeros(1)}, str(bad))
     with pytest.raises(BackboneError, match="does not fit"):
         load_backbone(cfg.model_copy(update={"pretrained": str(bad)}), torch.device("cpu"))
+
+
+def test_robustbench_source_without_cache_names_the_spec(tmp_path: Path) -> None:
+    from vpt_robust.models.robustbench import RobustBenchError, robustbench_available
+
+    if not robustbench_available():
+        pytest.skip("robustbench 1.1.1 model zoo not installed (make install adds it)")
+    cfg = BackboneConfig(
+        source="robustbench", name="cifar10/Linf/Standard", cache_dir=str(tmp_path)
+    )
+    with pytest.raises(RobustBenchError, match="cifar10/Linf/Standard.*not in the local cache"):
+        load_backbone(cfg, torch.device("cpu"))

@@ -80,3 +80,46 @@ def test_schedule_and_stats() -> None:
     assert cosine_with_warmup(10, 100, 10) == pytest.approx(1.0)
     assert cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+
+
+def test_train_prompt_stage_learns_every_family(micro_clip_name: str, tmp_path: Path) -> None:
+    """The stage end to end on a small rendered set and a micro open_clip backbone: one output
+    folder per family, one metrics entry per family, novel-class accuracy only where the
+    learned tensors transfer to new classes."""
+    import json
+
+    from vpt_robust.config import validate
+    from vpt_robust.data.embedded import materialize
+    from vpt_robust.stages import prepare
+    from vpt_robust.stages import train_prompt as stage
+    from vpt_robust.stages.build import families, transfers_to_new_classes
+    from vpt_robust.tracking import disabled_run
+
+    materialize(tmp_path / "data", per_class_style=4)
+    params = validate(
+        {
+            "paths": {k: str(tmp_path / k) for k in ("data", "outputs", "metrics")},
+            "data": {"per_class_style": 4},
+            "backbone": {"source": "open_clip", "name": micro_clip_name},
+            "prompts": [
+                {"kind": "vpt", "length": 2, "train": {"lr": 0.5}},
+                {"kind": "none", "head": "linear", "train": {"optimizer": "adamw", "lr": 0.01}},
+            ],
+            "train": {"seeds": [0], "epochs": 1, "batch_size": 16},
+            "runtime": {"device": "cpu"},
+            "tracking": {"enabled": False},
+        }
+    )
+    prepare.run(params, disabled_run())
+    result = stage.run(params, disabled_run())
+    assert set(result["families"]) == {"vpt", "linear_probe"}
+    assert "test_novel_acc" in result["families"]["vpt"]
+    assert "test_novel_acc" not in result["families"]["linear_probe"]
+    assert [transfers_to_new_classes(params, f) for f in families(params)] == [True, False]
+    for name in ("vpt", "linear_probe"):
+        saved = tmp_path / "outputs" / "prompts" / name / "seed_0.json"
+        meta = json.loads(saved.read_text())
+        assert meta["family"] == name and meta["seed"] == 0
+        assert meta["learned_values"] == result["families"][name]["learned_values"]
+    metrics = json.loads((tmp_path / "metrics" / "train_prompt.json").read_text())
+    assert metrics["families"]["vpt"]["test_base_acc"]["values"]

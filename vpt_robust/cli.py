@@ -72,6 +72,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vpt_robust.models import BackboneError
+    from vpt_robust.predict import run_predict
+
+    try:
+        return run_predict(
+            args.prompt,
+            args.inputs,
+            top_k=args.top_k,
+            device=args.device,
+            batch_size=args.batch_size,
+            checkpoint=args.checkpoint,
+        )
+    except (FileNotFoundError, ValueError, BackboneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-robust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("predict", help="top-k classes of an image or a folder with a saved prompt")
+    p.add_argument("--prompt", required=True, help="saved prompt (path without or with suffix)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--checkpoint", help="backbone checkpoint, if not where the prompt recorded it")
+    p.add_argument("inputs", metavar="IMAGE_OR_FOLDER")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="print the headline report and how to browse results")
     _add_config_args(p)

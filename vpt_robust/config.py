@@ -8,6 +8,7 @@ allowed, e.g. ``train.lr: -1 is not > 0``.
 from __future__ import annotations
 
 import copy
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -69,7 +71,7 @@ class DataConfig(Block):
 class BackboneConfig(Block):
     """Where the frozen model comes from: the embedded tiny CLIP, open_clip, or timm."""
 
-    source: Literal["embedded", "open_clip", "timm"] = "embedded"
+    source: Literal["embedded", "open_clip", "timm", "robustbench"] = "embedded"
     name: str | None = None
     pretrained: str | None = None
     image_size: int | None = Field(None, ge=8)
@@ -78,7 +80,7 @@ class BackboneConfig(Block):
 
     @model_validator(mode="after")
     def _needs_name(self) -> BackboneConfig:
-        if self.source in ("open_clip", "timm") and not self.name:
+        if self.source != "embedded" and not self.name:
             raise ValueError(f"backbone.name is required when backbone.source is {self.source!r}")
         return self
 
@@ -90,22 +92,109 @@ class PretrainConfig(Block):
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    augment: bool = True
+    warmup_steps: int = Field(50, ge=0)
+    augment: bool = False
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class PromptConfig(Block):
-    """Which prompt family plugs into the frozen model, with its own arguments."""
+    """One prompt family to learn: which family plugs into the frozen model, with its arguments.
+
+    ``kind`` is a registered family (``padding``, ``evp``, ``vpt``, ``coop``, ...), ``none`` (no
+    prompt: with a linear head this is the linear probe), or several families joined by ``+``
+    (``padding+vpt``: a pixel and a token prompt together). Every other field is an argument of
+    the family (``{kind: vpt, length: 10, depth: deep}``); for a ``+`` stack each part's arguments
+    sit under the part's name (``{kind: padding+vpt, padding: {pad_size: 4}, vpt: {length: 5}}``).
+    ``name`` names the output folder and report row (default: derived from kind and head),
+    ``head`` overrides ``head.kind`` for this family and ``train`` overrides fields of the
+    ``train`` block (e.g. its own ``lr`` and ``optimizer``).
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     kind: str = "padding"
+    name: str | None = None
+    head: Literal["zero_shot", "linear"] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptConfig:
+        from vpt_robust.prompts import PROMPTS, validate_prompt_args
+
+        kinds = self.part_kinds
+        if self.kind != "none":
+            unknown = [k for k in kinds if k not in PROMPTS]
+            if unknown or len(set(kinds)) != len(kinds):
+                raise ValueError(
+                    f"kind: {self.kind!r}: each part must be one of {sorted(PROMPTS)} or 'none', "
+                    "without repeats"
+                )
+            for kind, args in self.parts():
+                validate_prompt_args(kind, args)
+        elif self.args:
+            raise ValueError(f"kind 'none' takes no arguments, got {sorted(self.args)}")
+        if self.name is not None and not _SAFE_NAME.match(self.name):
+            raise ValueError(f"name: {self.name!r} must be letters, digits, '_', '.', '-'")
+        if self.train:
+            bad = sorted(set(self.train) - (set(TrainConfig.model_fields) - {"seeds"}))
+            if bad:
+                raise ValueError(f"train: {bad} are not per-family train fields")
+            try:
+                TrainConfig.model_validate(self.train)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                raise ValueError(f"train: {_describe(first)}") from None
+        return self
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The family arguments (every field that is not kind/name/head/train)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def part_kinds(self) -> list[str]:
+        return [] if self.kind == "none" else [k.strip() for k in self.kind.split("+")]
+
+    def parts(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(kind, args)`` of every prompt in this family (empty for ``none``)."""
+        kinds, args = self.part_kinds, self.args
+        if len(kinds) <= 1:
+            return [(k, args) for k in kinds]
+        stray = sorted(set(args) - set(kinds))
+        if stray:
+            raise ValueError(
+                f"kind {self.kind!r}: arguments {stray} must sit under a part name {kinds}"
+            )
+        for k in kinds:
+            if not isinstance(args.get(k, {}), dict):
+                raise ValueError(f"{k}: the arguments of a stacked part must be a mapping")
+        return [(k, dict(args.get(k, {}))) for k in kinds]
+
+    def head_kind(self, default: str) -> str:
+        return self.head or default
+
+    def family_name(self, default_head: str = "zero_shot") -> str:
+        """Folder / report name: ``name`` if given, else the kind (``linear_probe`` for a bare
+        linear head, ``<kind>_linear`` for a prompt with a linear head)."""
+        if self.name:
+            return self.name
+        kind = self.kind.replace("+", "_")
+        if self.head_kind(default_head) == "linear":
+            return "linear_probe" if self.kind == "none" else f"{kind}_linear"
+        return kind
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The ``train`` block with this family's overrides applied (validated)."""
+        return TrainConfig.model_validate({**base.model_dump(), **self.train})
 
 
 class HeadConfig(Block):
-    """The classifier head: CLIP zero-shot, class text features averaged over templates."""
+    """The classifier head: CLIP's zero-shot head (class text features averaged over
+    templates; CoOp replaces the templates by its learned context) or a linear head."""
 
-    kind: Literal["zero_shot"] = "zero_shot"
+    kind: Literal["zero_shot", "linear"] = "zero_shot"
     templates: list[str] = Field(default_factory=lambda: ["This is a photo of a {}"], min_length=1)
 
     @field_validator("templates")
@@ -118,17 +207,27 @@ class HeadConfig(Block):
 
 
 class TrainConfig(Block):
-    """Supervised prompt tuning (Bahng et al. defaults, scaled to the embedded data)."""
+    """Supervised prompt tuning (Bahng et al. defaults, scaled to the embedded data).
+
+    ``optimizer``: ``sgd`` (with ``momentum``), ``adamw``, or ``normalized_sgd`` (EVP's update
+    ``p -= lr * g / ||g||_2``, the norm taken over all learned tensors together; no momentum).
+    The learning rate follows a linear warm-up over ``warmup_steps`` then a cosine decay to 0.
+    With ``checkpoint`` a resumable checkpoint is written after every epoch; with ``resume`` an
+    interrupted run whose checkpoint matches the current run exactly continues from it (and ends
+    with the result an uninterrupted run would have given).
+    """
 
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw", "normalized_sgd"] = "sgd"
     lr: float = Field(40.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float | None = Field(None, gt=0)
+    checkpoint: bool = True
+    resume: bool = True
 
 
 class AttackConfig(Block):
@@ -141,14 +240,54 @@ class AttackConfig(Block):
     restarts: int = Field(1, ge=1)
 
 
+class AutoAttackConfig(Block):
+    """AutoAttack on a fixed, logged subset of the test samples (it costs 100-200x a PGD-10)."""
+
+    enabled: bool = True
+    version: Literal["standard", "rand"] = "standard"
+    eps: list[Eps] = Field(default_factory=lambda: [1 / 255], min_length=1)
+    n_samples: int = Field(100, ge=1)
+    subset_seed: int = 0
+    splits: list[Literal["base", "novel"]] = Field(default_factory=lambda: ["base"], min_length=1)
+    fast: bool = False
+
+
 class EvaluateConfig(Block):
     batch_size: int = Field(256, ge=1)
     attack: AttackConfig = AttackConfig()
+    autoattack: AutoAttackConfig = AutoAttackConfig()
+    save_flags: bool = True
+
+
+class StreamConfig(Block):
+    """The corruption stream of the stream_eval stage (CoTTA protocol by default)."""
+
+    protocol: Literal["continual", "gradual", "mixed", "reset_each_shift", "random_orders"] = (
+        "continual"
+    )
+    severity: int = Field(5, ge=1, le=5)
+    corruptions: list[str] | None = None
+    split: Literal["test_base", "test_novel"] = "test_base"
+    n_per_segment: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    shuffle: bool = True
+    n_orders: int = Field(3, ge=1)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        from vpt_robust.corruptions import CORRUPTIONS
+
+        bad = [c for c in v or [] if c not in CORRUPTIONS]
+        if bad:
+            raise ValueError(f"{bad} are not among {list(CORRUPTIONS)}")
+        return v
 
 
 class RuntimeConfig(Block):
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, ge=1)
 
     @field_validator("device")
@@ -173,10 +312,28 @@ class Params(Block):
     pretrain: PretrainConfig = PretrainConfig()
     head: HeadConfig = HeadConfig()
     prompt: PromptConfig = PromptConfig()
+    prompts: list[PromptConfig] = Field(default_factory=list)
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    stream: StreamConfig = StreamConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("prompts")
+    @classmethod
+    def _unique_families(cls, v: list[PromptConfig], info: ValidationInfo) -> list[PromptConfig]:
+        head = info.data["head"].kind if "head" in info.data else "zero_shot"
+        idle = [i for i, p in enumerate(v) if p.kind == "none" and p.head_kind(head) != "linear"]
+        if idle:
+            raise ValueError(
+                f"entries {idle} have kind 'none' and the zero-shot head: nothing to learn (the "
+                "zero-shot model is always evaluated as the baseline)"
+            )
+        names = [p.family_name(head) for p in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"family names {dupes} repeat; give each entry its own `name`")
+        return v
 
     @model_validator(mode="after")
     def _splits_fit(self) -> Params:

@@ -99,10 +99,10 @@ def _save_resume(path: Path, config: dict[str, Any], state: dict[str, dict[int, 
 
 
 def _check_in_ball(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, name: str) -> None:
-    diff = (adv.float() - x.float()).flatten(1)
+    diff = (adv.detach().float() - x.detach().float()).flatten(1)
     size = diff.abs().amax(dim=1) if norm == "Linf" else diff.norm(p=2, dim=1)
     worst = float(size.max()) if size.numel() else 0.0
-    lo, hi = float(adv.min()), float(adv.max())
+    lo, hi = float(adv.detach().min()), float(adv.detach().max())
     if worst > eps * (1 + 1e-4) + 1e-6 or lo < -1e-6 or hi > 1 + 1e-6:
         raise RuntimeError(
             f"{name} returned images outside the threat model: {norm} perturbation {worst:.6g} "
@@ -280,6 +280,11 @@ def _make_attacker(
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(wrapped, norm=norm, eps=eps, version=version, seed=seed, device=dev)
+    # The targeted attacks try the top-9 other classes; with fewer classes, try all others (as
+    # AutoAttack's authors advise for such datasets) instead of indexing past the logits.
+    for targeted in (getattr(aa, "apgd_targeted", None), getattr(aa, "fab", None)):
+        if targeted is not None and hasattr(targeted, "n_target_classes"):
+            targeted.n_target_classes = min(targeted.n_target_classes, n_classes - 1)
 
     def run_reference(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
         x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)

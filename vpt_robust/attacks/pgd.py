@@ -46,7 +46,9 @@ def step_sizes(alpha: float, steps: int, schedule: str) -> list[float]:
     return [alpha * (1.0 - t / steps) for t in range(steps)]
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def _autocast(
+    device: torch.device, amp_dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -77,9 +79,15 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, *, check_range: boo
         raise ValueError(f"images: expected a (B, C, H, W) tensor, got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"images: expected a float tensor in [0,1], got dtype {images.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.ndim != 1
+        or labels.shape[0] != images.shape[0]
+    ):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
-        raise ValueError(f"labels: expected shape ({images.shape[0]},) to match images, got {shape}")
+        raise ValueError(
+            f"labels: expected shape ({images.shape[0]},) to match images, got {shape}"
+        )
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
     if check_range and images.numel():
@@ -122,9 +130,9 @@ def random_delta(
 def sample_seed(seed: int, restart: int, index: int) -> int:
     """A 63-bit seed for one sample's random start, mixed from (seed, restart, global index) so
     that a sample's noise never depends on which batch it landed in."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(restart), int(index)]).generate_state(
-        2, np.uint32
-    )
+    state = np.random.SeedSequence(
+        [int(seed) & 0xFFFFFFFF, int(restart), int(index)]
+    ).generate_state(2, np.uint32)
     return ((int(state[0]) << 32) | int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -200,6 +208,7 @@ def pgd(
     generator: torch.Generator | None = None,
     init_delta: torch.Tensor | None = None,
     eot_iter: int = 1,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
     """PGD adversarial images for `model(images in [0,1]) -> logits`.
 
@@ -208,11 +217,12 @@ def pgd(
     after each step the perturbation is projected onto the eps-ball and the image clamped to
     [0,1]. `init_delta` (e.g. from `per_sample_delta`) replaces the random start when given;
     otherwise the start is drawn with `generator`. `eot_iter` > 1 averages gradients over that
-    many forwards (Expectation over Transformation) for stochastic models. The model's train/eval
-    mode is left as it is. Returns detached adversarial images of the input dtype.
+    many forwards (Expectation over Transformation) for stochastic models. `check_inputs=False`
+    skips the [0,1] range check, the one host sync of a call. The model's train/eval mode is
+    left as it is. Returns detached adversarial images of the input dtype.
     """
     _check_norm_eps(norm, eps)
-    _check_batch(images, labels)
+    _check_batch(images, labels, check_range=check_inputs)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: {steps!r} must be an int >= 0")
     if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
@@ -238,7 +248,9 @@ def pgd(
             )
         delta = _project(init_delta.to(device=x0.device, dtype=x0.dtype), eps, norm)
     elif random_start and eps > 0:
-        delta = random_delta(x0.shape, eps, norm, device=x0.device, generator=generator).to(x0.dtype)
+        delta = random_delta(x0.shape, eps, norm, device=x0.device, generator=generator).to(
+            x0.dtype
+        )
     else:
         delta = torch.zeros_like(x0)
     adv = (x0 + delta).clamp_(0.0, 1.0)
@@ -273,7 +285,9 @@ class RobustResult:
 
     def __post_init__(self) -> None:
         self.clean_correct = torch.as_tensor(self.clean_correct, dtype=torch.bool).cpu().reshape(-1)
-        self.robust_correct = torch.as_tensor(self.robust_correct, dtype=torch.bool).cpu().reshape(-1)
+        self.robust_correct = (
+            torch.as_tensor(self.robust_correct, dtype=torch.bool).cpu().reshape(-1)
+        )
         if self.clean_correct.shape != self.robust_correct.shape:
             raise ValueError(
                 f"robust_correct: {self.robust_correct.numel()} flags for "
@@ -355,7 +369,9 @@ def model_device(model: nn.Module | Any) -> torch.device | None:
     return None
 
 
-def resolve_attack_device(model: nn.Module | Any, device: str | torch.device | None) -> torch.device:
+def resolve_attack_device(
+    model: nn.Module | Any, device: str | torch.device | None
+) -> torch.device:
     """`device` if given (checked against the model's), else the model's own device, else CPU."""
     own = model_device(model)
     if device is None:
@@ -366,17 +382,15 @@ def resolve_attack_device(model: nn.Module | Any, device: str | torch.device | N
     return dev
 
 
-def _batches(
-    data: Any, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple | list) and len(data) == 2 and all(
-        isinstance(t, torch.Tensor) for t in data
+def _batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
     ):
         images, labels = data
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"data: {images.shape[0]} images but {labels.shape[0]} labels"
-            )
+            raise ValueError(f"data: {images.shape[0]} images but {labels.shape[0]} labels")
         for start in range(0, images.shape[0], batch_size):
             yield images[start : start + batch_size], labels[start : start + batch_size]
         return
@@ -496,7 +510,9 @@ def robust_accuracy(
 
     with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         batches = _batches(data, batch_size)
-        for xb, yb in progress(batches, desc=attack_name or f"PGD-{steps} {norm}", total=_data_len(data)):
+        for xb, yb in progress(
+            batches, desc=attack_name or f"PGD-{steps} {norm}", total=_data_len(data)
+        ):
             xb = xb.to(dev, non_blocking=True)
             yb = yb.to(dev, non_blocking=True).long()
             _check_batch(xb, yb)

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 PRETRAIN_STYLES: tuple[str, ...] = ("photo", "flat", "sketch")
-HELDOUT_STYLES: tuple[str, ...] = ("neon", "mosaic")
+HELDOUT_STYLES: tuple[str, ...] = ("neon", "night")
 DEFAULT_PER_CLASS_STYLE = 300
 DATA_FILES: tuple[str, ...] = (
     "images.npy",

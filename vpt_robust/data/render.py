@@ -60,7 +60,7 @@ STYLE_NOUNS: dict[str, str] = {
     "flat": "icon",
     "sketch": "sketch",
     "neon": "neon sign",
-    "mosaic": "mosaic",
+    "night": "night photo",
 }
 STYLE_NAMES: tuple[str, ...] = tuple(STYLE_NOUNS)
 
@@ -140,18 +140,26 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "triangle": lambda x, y: _poly(x, y, [(0, -0.8), (0.95, 0.75), (-0.95, 0.75)]),
     "star": lambda x, y: _poly(x, y, _star_pts(5, 1.0, 0.42, dy=0.1)),
     "heart": _heart,
-    "cross": lambda x, y: _rect(x, y, -0.85, 0.85, -0.28, 0.28) | _rect(x, y, -0.28, 0.28, -0.85, 0.85),
+    "cross": lambda x, y: (
+        _rect(x, y, -0.85, 0.85, -0.28, 0.28) | _rect(x, y, -0.28, 0.28, -0.85, 0.85)
+    ),
     "crescent": lambda x, y: _disk(x, y, 0, 0, 0.9) & ~_disk(x, y, 0.42, -0.2, 0.75),
     "ring": lambda x, y: _disk(x, y, 0, 0, 0.9) & ~_disk(x, y, 0, 0, 0.5),
-    "arrow": lambda x, y: _rect(x, y, -0.95, 0.15, -0.2, 0.2)
-    | _poly(x, y, [(0.1, -0.65), (0.98, 0), (0.1, 0.65)]),
+    "arrow": lambda x, y: (
+        _rect(x, y, -0.95, 0.15, -0.2, 0.2) | _poly(x, y, [(0.1, -0.65), (0.98, 0), (0.1, 0.65)])
+    ),
     "house": lambda x, y: (
-        _rect(x, y, -0.65, 0.65, -0.1, 0.85) | _poly(x, y, [(-0.92, -0.05), (0, -0.9), (0.92, -0.05)])
-    )
-    & ~_rect(x, y, -0.17, 0.17, 0.38, 0.9),
-    "tree": lambda x, y: _poly(x, y, [(0, -0.98), (0.5, -0.3), (-0.5, -0.3)])
-    | _poly(x, y, [(0, -0.6), (0.78, 0.42), (-0.78, 0.42)])
-    | _rect(x, y, -0.14, 0.14, 0.4, 0.92),
+        (
+            _rect(x, y, -0.65, 0.65, -0.1, 0.85)
+            | _poly(x, y, [(-0.92, -0.05), (0, -0.9), (0.92, -0.05)])
+        )
+        & ~_rect(x, y, -0.17, 0.17, 0.38, 0.9)
+    ),
+    "tree": lambda x, y: (
+        _poly(x, y, [(0, -0.98), (0.5, -0.3), (-0.5, -0.3)])
+        | _poly(x, y, [(0, -0.6), (0.78, 0.42), (-0.78, 0.42)])
+        | _rect(x, y, -0.14, 0.14, 0.4, 0.92)
+    ),
     "flower": lambda x, y: (
         np.any(
             [
@@ -162,32 +170,57 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
         )
         | _disk(x, y, 0, 0, 0.3)
     ),
-    "cloud": lambda x, y: _disk(x, y, -0.5, 0.12, 0.38)
-    | _disk(x, y, 0.05, -0.15, 0.52)
-    | _disk(x, y, 0.52, 0.1, 0.4)
-    | _rect(x, y, -0.5, 0.52, 0.1, 0.5),
-    "bolt": lambda x, y: _poly(
-        x, y, [(0.1, -1.0), (-0.5, 0.12), (-0.04, 0.12), (-0.22, 1.0), (0.52, -0.16), (0.08, -0.16), (0.42, -1.0)]
+    "cloud": lambda x, y: (
+        _disk(x, y, -0.5, 0.12, 0.38)
+        | _disk(x, y, 0.05, -0.15, 0.52)
+        | _disk(x, y, 0.52, 0.1, 0.4)
+        | _rect(x, y, -0.5, 0.52, 0.1, 0.5)
     ),
-    "key": lambda x, y: (_disk(x, y, -0.52, 0, 0.42) & ~_disk(x, y, -0.52, 0, 0.17))
-    | _rect(x, y, -0.15, 0.95, -0.12, 0.12)
-    | _rect(x, y, 0.52, 0.68, 0.1, 0.42)
-    | _rect(x, y, 0.78, 0.94, 0.1, 0.34),
-    "bone": lambda x, y: _rect(x, y, -0.62, 0.62, -0.17, 0.17)
-    | _disk(x, y, -0.7, -0.2, 0.25)
-    | _disk(x, y, -0.7, 0.2, 0.25)
-    | _disk(x, y, 0.7, -0.2, 0.25)
-    | _disk(x, y, 0.7, 0.2, 0.25),
-    "drop": lambda x, y: _disk(x, y, 0, 0.32, 0.6) | _poly(x, y, [(0, -0.95), (0.53, 0.03), (-0.53, 0.03)]),
+    "bolt": lambda x, y: _poly(
+        x,
+        y,
+        [
+            (0.1, -1.0),
+            (-0.5, 0.12),
+            (-0.04, 0.12),
+            (-0.22, 1.0),
+            (0.52, -0.16),
+            (0.08, -0.16),
+            (0.42, -1.0),
+        ],
+    ),
+    "key": lambda x, y: (
+        (_disk(x, y, -0.52, 0, 0.42) & ~_disk(x, y, -0.52, 0, 0.17))
+        | _rect(x, y, -0.15, 0.95, -0.12, 0.12)
+        | _rect(x, y, 0.52, 0.68, 0.1, 0.42)
+        | _rect(x, y, 0.78, 0.94, 0.1, 0.34)
+    ),
+    "bone": lambda x, y: (
+        _rect(x, y, -0.62, 0.62, -0.17, 0.17)
+        | _disk(x, y, -0.7, -0.2, 0.25)
+        | _disk(x, y, -0.7, 0.2, 0.25)
+        | _disk(x, y, 0.7, -0.2, 0.25)
+        | _disk(x, y, 0.7, 0.2, 0.25)
+    ),
+    "drop": lambda x, y: (
+        _disk(x, y, 0, 0.32, 0.6) | _poly(x, y, [(0, -0.95), (0.53, 0.03), (-0.53, 0.03)])
+    ),
     "fish": lambda x, y: (
-        (((x + 0.18) / 0.66) ** 2 + (y / 0.42) ** 2 <= 1) | _poly(x, y, [(0.35, 0), (0.95, -0.48), (0.95, 0.48)])
-    )
-    & ~_disk(x, y, -0.5, -0.08, 0.09),
-    "bell": lambda x, y: _disk(x, y, 0, -0.3, 0.48)
-    | _poly(x, y, [(-0.48, -0.3), (0.48, -0.3), (0.85, 0.55), (-0.85, 0.55)])
-    | _disk(x, y, 0, 0.68, 0.2),
-    "mushroom": lambda x, y: ((((x / 0.95) ** 2 + ((y - 0.05) / 0.8) ** 2) <= 1) & (y <= 0.05))
-    | _rect(x, y, -0.24, 0.24, 0.0, 0.85),
+        (
+            (((x + 0.18) / 0.66) ** 2 + (y / 0.42) ** 2 <= 1)
+            | _poly(x, y, [(0.35, 0), (0.95, -0.48), (0.95, 0.48)])
+        )
+        & ~_disk(x, y, -0.5, -0.08, 0.09)
+    ),
+    "bell": lambda x, y: (
+        _disk(x, y, 0, -0.3, 0.48)
+        | _poly(x, y, [(-0.48, -0.3), (0.48, -0.3), (0.85, 0.55), (-0.85, 0.55)])
+        | _disk(x, y, 0, 0.68, 0.2)
+    ),
+    "mushroom": lambda x, y: (
+        ((((x / 0.95) ** 2 + ((y - 0.05) / 0.8) ** 2) <= 1) & (y <= 0.05))
+        | _rect(x, y, -0.24, 0.24, 0.0, 0.85)
+    ),
 }
 assert tuple(_SHAPES) == CLASS_NAMES
 
@@ -244,12 +277,14 @@ def _photo_bank(image_size: int) -> tuple[np.ndarray, ...]:
             img = np.repeat(img[..., None], 3, axis=2)
         img = img[..., :3].astype(np.float32) / 255.0
         short = min(img.shape[:2])
-        for factor in (1.5, 2.5, 4.0):
-            side = factor * image_size
-            if side > short:
-                continue
+        # Crops span 1/1.5 to 1/4 of a photo's short side; large image sizes upsample instead.
+        sides = sorted({max(image_size, min(f * image_size, short)) for f in (1.5, 2.5, 4.0)})
+        for side in sides:
             s = side / short
-            shape = (max(image_size, round(img.shape[0] * s)), max(image_size, round(img.shape[1] * s)))
+            shape = (
+                max(image_size, round(img.shape[0] * s)),
+                max(image_size, round(img.shape[1] * s)),
+            )
             bank.append(resize(img, shape, order=1, anti_aliasing=True).astype(np.float32))
     return tuple(bank)
 
@@ -304,7 +339,7 @@ def _style_photo(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
 
 
 def _style_flat(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
-    n, s = g.n, g.size
+    n = g.n
     # A plain, low-saturation background whose lightness contrasts with the object's.
     dark = _luma(g.color) > 0.5
     light_level = np.where(dark, rng.uniform(0.12, 0.3, n), rng.uniform(0.78, 0.97, n))
@@ -338,22 +373,15 @@ def _style_neon(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img * (1 - core) + (0.45 * col + 0.55) * core, 0, 1)
 
 
-def _style_mosaic(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
+def _style_night(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
+    """The photo style taken at night: dark, blue-tinted, low contrast, with sensor noise."""
     n, s = g.n, g.size
-    tile = max(2, round(s / 11))
-    ntile = -(-s // tile)
-    # Each tile takes the object's mean coverage over its area, so thin parts fade, not vanish.
-    cov = np.zeros((n, ntile * tile, ntile * tile), dtype=np.float32)
-    cov[:, :s, :s] = _cov(g.d_px)
-    cov = cov.reshape(n, ntile, tile, ntile, tile).mean(axis=(2, 4))
-    cov = np.clip(1.5 * cov - 0.1, 0, 1)[..., None]
-    base = rng.uniform(0.55, 0.8, (n, 1, 1, 1)) + rng.uniform(-0.04, 0.04, (n, 1, 1, 3))
-    jit = rng.uniform(-0.06, 0.06, (n, ntile, ntile, 3))
-    tiles = base * (1 - cov) + g.color[:, None, None, :] * cov + jit
-    img = tiles.astype(np.float32).repeat(tile, axis=1).repeat(tile, axis=2)[:, :s, :s]
-    grout = (np.arange(s) % tile) == tile - 1
-    grout_mask = (grout[:, None] | grout[None, :])[None, ..., None]
-    return np.clip(np.where(grout_mask, np.float32(0.3), img), 0, 1)
+    img = _style_photo(g, rng)
+    level = rng.uniform(0.35, 0.5, (n, 1, 1, 1)).astype(np.float32)
+    tint = np.array([0.75, 0.9, 1.25], dtype=np.float32)
+    img = img * level * tint + 0.03
+    img = img + rng.normal(0, 0.03, (n, s, s, 3)).astype(np.float32)
+    return np.clip(img, 0, 1)
 
 
 _STYLE_FNS = {
@@ -361,7 +389,7 @@ _STYLE_FNS = {
     "flat": _style_flat,
     "sketch": _style_sketch,
     "neon": _style_neon,
-    "mosaic": _style_mosaic,
+    "night": _style_night,
 }
 assert tuple(_STYLE_FNS) == STYLE_NAMES
 

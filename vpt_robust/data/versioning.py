@@ -6,6 +6,7 @@ DVC versioned; if it does not, say so loudly rather than train on silently diffe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vpt_robust.config import Params
@@ -31,15 +32,32 @@ def dvc_status(dvc_file: Path) -> str | None:
     return None
 
 
+def _built_with(root: Path) -> dict[str, int] | None:
+    """The generator parameters recorded in ``root/meta.json``, if it is there."""
+    meta = root / "meta.json"
+    if not meta.is_file():
+        return None
+    recorded = json.loads(meta.read_text())
+    return {k: recorded.get(k) for k in ("seed", "image_size", "per_class_style")}
+
+
 def ensure_data(params: Params, *, dvc_file: Path = Path("data.dvc"), force: bool = False) -> str:
     """Build ``paths.data`` from the data params unless it already matches ``dvc_file``."""
     from vpt_robust.data.embedded import materialize
 
     root = Path(params.paths.data)
     tracked = dvc_file.is_file()
-    if tracked and not force and root.exists() and dvc_status(dvc_file) is None:
-        return f"{root}/ is up to date with {dvc_file}"
     cfg = params.data
+    wanted = {"seed": cfg.seed, "image_size": cfg.image_size, "per_class_style": cfg.per_class_style}
+    built = _built_with(root)
+    if tracked and not force and built == wanted and dvc_status(dvc_file) is None:
+        return f"{root}/ is up to date with {dvc_file}"
+    if tracked and not force and built is not None and built != wanted:
+        raise DataVersionError(
+            f"params ask for data {wanted} but {root}/ (versioned by {dvc_file}) was built with "
+            f"{built}; refusing to overwrite it. To re-version the data, run "
+            f"`vpt-robust data --force`, then `dvc add {root}` and commit {dvc_file}."
+        )
     materialize(root, seed=cfg.seed, image_size=cfg.image_size, per_class_style=cfg.per_class_style)
     if not tracked:
         return f"materialised {root}/; version it with `dvc add {root}` and commit {dvc_file}"

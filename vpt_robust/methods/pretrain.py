@@ -3,9 +3,11 @@
 The loss is CLIP's symmetric InfoNCE with one change: images whose captions are identical are
 all positives of each other (soft targets spread evenly over them, as in UniCL, Yang et al.
 2022). With ~900 distinct captions a batch of 128 often holds duplicates, and plain InfoNCE
-would push apart pairs that are truly alike; counting them as positives measured +11 pt
-zero-shot here. Only images of the data set's pretraining styles are used: the held-out styles
-stay a domain the model has never seen.
+would push apart pairs that are truly alike (for a small CNN tower this was worth +11 pt
+zero-shot here, see ENVIRONMENT.md). Only images of the data set's pretraining styles are used:
+the held-out styles stay a domain the model has never seen. Each step wraps the captions in a
+random one of ``CAPTION_VARIANTS`` so that zero-shot templates with a full stop or a lead-in
+("This is a photo of a {}") stay in distribution for the small text tower.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpt_robust.data.embedded import EmbeddedData
+from vpt_robust.models.tiny_clip import clip_mean_std, clip_tokenize
 from vpt_robust.utils import progress
 
 __all__ = [
+    "CAPTION_VARIANTS",
     "augment_batch",
     "clip_normalizer",
     "multi_positive_clip_loss",
@@ -30,13 +34,19 @@ __all__ = [
 ]
 
 
-def clip_normalizer(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The mean/std normalisation an open_clip model expects, read from its preprocess config."""
-    import open_clip
+# Each step wraps every caption in one of these at random, so the text tower also meets the
+# punctuation and lead-ins of common zero-shot templates ("a photo of a {}.", "This is a
+# photo of a {}") instead of only the bare captions.
+CAPTION_VARIANTS: tuple[str, ...] = ("{}", "{}.", "this is {}", "this is {}.")
 
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+
+def clip_normalizer(
+    model: nn.Module, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean/std normalisation an open_clip model expects, read from its preprocess config."""
+    mean_, std_ = clip_mean_std(model)
+    mean = torch.tensor(mean_, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std_, device=device).view(1, 3, 1, 1)
     return lambda x: (x - mean) / std
 
 
@@ -59,17 +69,17 @@ def multi_positive_clip_loss(
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, zoom (0.85-1.15), rotation (+-10 deg) and shift (+-8%), batched.
+    """Random flip, zoom (0.9-1.1), rotation (+-8 deg) and shift (+-6%), batched.
 
     No colour changes: captions name the colour. Random numbers come from a CPU generator so
     a seed gives the same augmentations on any device.
     """
     b = images.shape[0]
     rand = torch.rand(b, 5, generator=generator).to(images.device, images.dtype)
-    scale = 0.85 + 0.3 * rand[:, 0]
-    angle = (rand[:, 1] - 0.5) * (2 * math.pi * 10 / 180)
+    scale = 0.9 + 0.2 * rand[:, 0]
+    angle = (rand[:, 1] - 0.5) * (2 * math.pi * 8 / 180)
     flip = torch.where(rand[:, 2] < 0.5, -1.0, 1.0).to(images.dtype)
-    shift = (rand[:, 3:5] - 0.5) * 0.16
+    shift = (rand[:, 3:5] - 0.5) * 0.12
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [
@@ -79,7 +89,9 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
         dim=1,
     )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -88,7 +100,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "bn" in name or "norm" in name or "bias" in name or "logit_scale" in name
+        skip = (
+            p.ndim < 2 or "bn" in name or "norm" in name or "bias" in name or "logit_scale" in name
+        )
         (no_decay if skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -116,7 +130,8 @@ def pretrain_clip(
     seed: int,
     augment: bool = True,
     precision: str = "fp32",
-    grad_clip: float | None = 1.0,
+    grad_clip: float | None = None,
+    caption_variants: Sequence[str] = CAPTION_VARIANTS,
     log_every: int = 10,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
@@ -134,8 +149,6 @@ def pretrain_clip(
         raise ValueError(f"batch_size: {batch_size} must be >= 2 for a contrastive loss")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision: {precision!r} is not 'fp32' or 'bf16'")
-    import open_clip
-
     train = data.subset(data.style_mask(data.pretrain_styles))
     if len(train) < batch_size:
         raise ValueError(
@@ -145,8 +158,13 @@ def pretrain_clip(
     uniq = sorted(set(train.captions))
     index = {c: i for i, c in enumerate(uniq)}
     caption_ids = torch.tensor([index[c] for c in train.captions], device=device)
+    if not caption_variants or any("{}" not in v for v in caption_variants):
+        raise ValueError(f"caption_variants: each needs a '{{}}' slot, got {caption_variants!r}")
     context_length = getattr(model, "context_length", 77)
-    tokens = open_clip.tokenize(uniq, context_length=context_length).to(device)
+    n_var = len(caption_variants)
+    # tokens[i * n_var + v] is caption i wrapped in variant v
+    tokens = clip_tokenize([v.format(c) for c in uniq for v in caption_variants], context_length)
+    tokens = tokens.to(device)
     images = train.images.to(device)
     normalize = clip_normalizer(model, device)
 
@@ -175,7 +193,11 @@ def pretrain_clip(
             group["lr"] = current_lr
         with autocast:
             img_f = F.normalize(model.encode_image(normalize(x)).float(), dim=-1)
-            txt_f = F.normalize(model.encode_text(tokens[cid]).float(), dim=-1)
+            # Identical captions have identical features: encode each distinct one once.
+            uniq_cid, inverse = torch.unique(cid, return_inverse=True)
+            variant = torch.randint(n_var, (len(uniq_cid),), generator=gen).to(device)
+            txt = model.encode_text(tokens[uniq_cid * n_var + variant])
+            txt_f = F.normalize(txt.float(), dim=-1)[inverse]
             loss = multi_positive_clip_loss(img_f, txt_f, model.logit_scale.exp().float(), cid)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
@@ -190,7 +212,11 @@ def pretrain_clip(
         if on_step is not None and (step % log_every == 0 or step == steps - 1):
             on_step(
                 step,
-                {"loss": losses[-1], "lr": current_lr, "logit_scale": model.logit_scale.exp().item()},
+                {
+                    "loss": losses[-1],
+                    "lr": current_lr,
+                    "logit_scale": model.logit_scale.exp().item(),
+                },
             )
     seconds = time.perf_counter() - start
     model.eval()
@@ -216,7 +242,9 @@ def class_text_features(
     """(C, D) unit text features: per class, the mean of its normalised template features."""
     feats = []
     for name in class_names:
-        t = F.normalize(model.encode_text(tokenizer([tp.format(name) for tp in templates]).to(device)), dim=-1)
+        t = F.normalize(
+            model.encode_text(tokenizer([tp.format(name) for tp in templates]).to(device)), dim=-1
+        )
         feats.append(F.normalize(t.mean(0), dim=-1))
     return torch.stack(feats)
 
@@ -239,7 +267,9 @@ def zero_shot_accuracy(
     if len(data) == 0:
         raise ValueError("data: no images to evaluate")
     if int(data.labels.max()) >= len(class_names):
-        raise ValueError(f"data: labels go up to {int(data.labels.max())}, {len(class_names)} classes")
+        raise ValueError(
+            f"data: labels go up to {int(data.labels.max())}, {len(class_names)} classes"
+        )
     was_training = model.training
     model.to(device).eval()
     text = class_text_features(model, tokenizer, class_names, templates, device)

@@ -2,34 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from vpt_robust.models.backbone import Backbone
+from vpt_robust.config import HeadConfig, PromptConfig
+from vpt_robust.models.backbone import Backbone, BackboneError
+from vpt_robust.models.heads import ContextTextHead, LinearHead, zero_shot_head
 
 
 class PromptedClassifier(nn.Module):
-    """``logits = head(encode_image(pixel_prompt(normalize(images))))``.
+    """``logits = head(encode_image(pixel_prompt(images), token_prompt))``.
+
+    A pixel prompt acts on the [0,1] image at the model's size (``space="raw"``, e.g. EVP) or on
+    the normalised image (``space="normalized"``, e.g. the padding prompt); a token prompt adds
+    tokens to the ViT's sequence; a text prompt lives in the head (``ContextTextHead``). Any of
+    them may be absent, and a pixel and a token prompt can be stacked.
 
     Training, attacks and evaluation only call ``forward``; they never need to know which prompts
-    are plugged in. Only the prompt and (for a linear head) the head hold trainable parameters.
+    are plugged in. Only the prompts and (for a linear head) the head hold trainable parameters.
+    ``spec`` records the prompt and head configs the classifier was built from (what a saved
+    prompt needs to rebuild it), ``class_names`` the classes of its logits.
     """
 
     def __init__(
-        self, backbone: Backbone, head: nn.Module, pixel_prompt: nn.Module | None = None
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        pixel_prompt: nn.Module | None = None,
+        token_prompt: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.pixel_prompt = pixel_prompt
+        self.token_prompt = token_prompt
+        self.spec: dict[str, Any] = {}
+        self.class_names: tuple[str, ...] = ()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
-        x = self.backbone.normalize(images)
-        if self.pixel_prompt is not None:
+        x = self.backbone.resize(images)
+        space = getattr(self.pixel_prompt, "space", "normalized")
+        if self.pixel_prompt is not None and space == "raw":
             x = self.pixel_prompt(x)
-        return self.head(self.backbone.encode_image(x))
+        x = self.backbone.standardize(x)
+        if self.pixel_prompt is not None and space != "raw":
+            x = self.pixel_prompt(x)
+        return self.head(self.backbone.encode_image(x, token_prompt=self.token_prompt))
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         """The tensors that training changed (prompts, linear head): what gets saved."""
@@ -56,3 +79,64 @@ class PromptedClassifier(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
+
+    @property
+    def class_bound(self) -> bool:
+        """True when the learned tensors belong to this exact class list (a linear head or a
+        class-specific CoOp context) and so cannot be reused for other classes."""
+        if isinstance(self.head, LinearHead):
+            return True
+        context = getattr(self.head, "context", None)
+        return bool(getattr(context, "class_specific", False))
+
+
+def build_classifier(
+    backbone: Backbone,
+    class_names: Sequence[str],
+    prompt: PromptConfig | None,
+    head: HeadConfig,
+) -> PromptedClassifier:
+    """A fresh classifier over ``class_names`` with the prompt family ``prompt`` (None: none).
+
+    ``prompt.head`` (if set) overrides ``head.kind``. Pixel and token prompts work with either
+    head; a text prompt (CoOp) is the zero-shot head's class prompts, so it needs that head.
+    """
+    from vpt_robust.prompts import PromptTarget, build_prompt, prompt_place
+
+    if not class_names:
+        raise ValueError("class_names is empty")
+    prompt = prompt or PromptConfig(kind="none")
+    head_kind = prompt.head_kind(head.kind)
+    target = PromptTarget.of(backbone, class_names)
+    placed: dict[str, nn.Module] = {}
+    for kind, args in prompt.parts():
+        place = prompt_place(kind)
+        if place in placed:
+            raise ValueError(
+                f"prompt.kind {prompt.kind!r}: at most one {place} prompt per classifier "
+                f"({placed[place].kind!r} and {kind!r})"
+            )
+        placed[place] = build_prompt(kind, args, target)
+    device = backbone.mean.device
+    if "text" in placed:
+        if head_kind != "zero_shot":
+            raise ValueError(
+                f"prompt.kind {prompt.kind!r}: a text prompt (CoOp) is the zero-shot head's "
+                "class prompts; it cannot be combined with a linear head"
+            )
+        if not backbone.has_text:
+            raise BackboneError("a text prompt (CoOp) needs a backbone with a text tower")
+        head_module: nn.Module = ContextTextHead(backbone, placed["text"].to(device))
+    elif head_kind == "linear":
+        head_module = LinearHead(backbone.feature_dim, len(class_names))
+    else:
+        head_module = zero_shot_head(backbone, class_names, head.templates)
+    model = PromptedClassifier(
+        backbone, head_module, pixel_prompt=placed.get("pixel"), token_prompt=placed.get("tokens")
+    )
+    model.spec = {
+        "prompt": prompt.model_dump(mode="json"),
+        "head": head.model_copy(update={"kind": head_kind}).model_dump(mode="json"),
+    }
+    model.class_names = tuple(class_names)
+    return model.to(device)

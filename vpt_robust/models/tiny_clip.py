@@ -41,6 +41,8 @@ __all__ = [
     "ConvStem",
     "TinyClipSpec",
     "build_tiny_clip",
+    "clip_mean_std",
+    "clip_tokenize",
     "load_tiny_clip",
     "register_tiny_clip",
     "save_clip_checkpoint",
@@ -57,8 +59,8 @@ class TinyClipSpec:
     """Architecture of the tiny CLIP; the defaults are the embedded pipeline's model."""
 
     image_size: int = 32
-    stem_channels: tuple[int, ...] = (32, 64)
-    width: int = 128
+    stem_channels: tuple[int, ...] = (32, 64, 128)
+    width: int = 192
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 2.0
@@ -253,25 +255,24 @@ def _open_clip_config(spec: TinyClipSpec) -> dict[str, Any]:
     }
 
 
-_CONFIG_DIR: Path | None = None
-
-
 def register_tiny_clip(spec: TinyClipSpec | None = None, **overrides: Any) -> str:
     """Register the timm trunk and the open_clip config of an architecture; return its name.
 
     Idempotent. With no arguments it registers the default model under ``TINY_CLIP_NAME``;
     ``overrides`` are ``TinyClipSpec`` fields (e.g. ``depth=2``).
     """
-    global _CONFIG_DIR
     spec = dataclasses.replace(spec or _DEFAULT_SPEC, **overrides)
     name = tiny_clip_name(spec)
     _register_timm(spec)
     if name not in open_clip.list_models():
-        if _CONFIG_DIR is None:
-            _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="vpt-tiny-clip-configs-"))
-        path = _CONFIG_DIR / f"{name}.json"
-        path.write_text(json.dumps(_open_clip_config(spec), indent=2))
-        open_clip.add_model_config(path)
+        # open_clip registers configs from JSON files and keeps them once read, so the
+        # file can live in a directory that is removed right after.
+        with tempfile.TemporaryDirectory(prefix="vpt-tiny-clip-") as tmp:
+            path = Path(tmp) / f"{name}.json"
+            path.write_text(json.dumps(_open_clip_config(spec), indent=2))
+            open_clip.add_model_config(path)
+        if name not in open_clip.list_models():
+            raise RuntimeError(f"open_clip did not register the tiny CLIP config {name!r}")
     return name
 
 
@@ -322,3 +323,14 @@ def load_tiny_clip(path: str | Path, device: torch.device | str = "cpu") -> open
     model = open_clip.create_model(name, pretrained=str(path), device=device)
     model.tiny_clip_spec = spec
     return model
+
+
+def clip_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation (mean, std) an open_clip model expects, from its preprocess config."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def clip_tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    """open_clip's standard BPE tokenisation (what ``open_clip.get_tokenizer`` gives the model)."""
+    return open_clip.tokenize(texts, context_length=context_length)

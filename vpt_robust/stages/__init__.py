@@ -13,7 +13,7 @@ from typing import Any
 from vpt_robust.config import Params
 from vpt_robust.tracking import StageRun, stage_run
 
-STAGES = ("prepare", "pretrain", "train_prompt", "evaluate", "report")
+STAGES = ("prepare", "pretrain", "train_prompt", "evaluate", "stream_eval", "report")
 
 
 def stage_function(name: str) -> Callable[[Params, StageRun], dict[str, Any]]:

@@ -45,9 +45,6 @@ class Layout:
     def prompts_dir(self) -> Path:
         return self.outputs / "prompts"
 
-    def prompt(self, seed: int) -> Path:
-        return self.prompts_dir / f"seed_{seed}"
-
     def metrics_file(self, stage: str) -> Path:
         return self.metrics / f"{stage}.json"
 
@@ -78,4 +75,6 @@ def setup_runtime(params: Params) -> torch.device:
 
 
 def amp_dtype(params: Params, device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if params.runtime.precision == "bf16" else None
+    from vpt_robust.methods.optim import autocast_dtype
+
+    return autocast_dtype(params.runtime.precision, device)

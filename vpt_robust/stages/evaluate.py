@@ -1,22 +1,42 @@
-"""evaluate: clean and PGD robust accuracy of the zero-shot model and of the learned prompts,
-on the target style's base (trained) classes and novel (held-out) classes, over all seeds."""
+"""evaluate: clean, PGD (eps sweep) and AutoAttack robust accuracy of the zero-shot model and of
+the learned prompts, on the target style's base (trained) and novel (held-out) classes, over all
+seeds. Per-sample flags are saved so runs can be compared sample by sample."""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from vpt_robust.attacks import robust_accuracy
-from vpt_robust.config import AttackConfig, Params
+from vpt_robust.attacks import autoattack, check_eps_monotone, robust_accuracy
+from vpt_robust.config import Params
 from vpt_robust.data.embedded import load_embedded
 from vpt_robust.metrics import as_float_images, mean_std
-from vpt_robust.stages.build import backbone_for, classifier, load_prompted
+from vpt_robust.models import Backbone
+from vpt_robust.stages.build import (
+    backbone_for,
+    classifier,
+    families,
+    family_name,
+    load_family,
+    transfers_to_new_classes,
+)
 from vpt_robust.stages.common import Layout, amp_dtype, load_splits, setup_runtime, write_json
 from vpt_robust.tracking import StageRun
 
 ZERO_SHOT = "zero_shot"
+FLAG_FIELDS = [
+    "model",
+    "split",
+    "seed",
+    "attack",
+    "eps",
+    "index",
+    "clean_correct",
+    "robust_correct",
+]
 
 
 def eps_label(eps: float, norm: str) -> str:
@@ -25,20 +45,57 @@ def eps_label(eps: float, norm: str) -> str:
     return f"{round(k)}/255" if norm == "Linf" and abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
 
+def evaluation_models(
+    backbone: Backbone, classes: list[str], params: Params, seed: int, *, novel: bool
+) -> dict[str, torch.nn.Module]:
+    """The zero-shot model and every learned family of one seed, over ``classes``; on novel
+    classes only the families whose learned tensors transfer to new classes."""
+    models: dict[str, torch.nn.Module] = {
+        ZERO_SHOT: classifier(backbone, classes, params, prompted=False)
+    }
+    for family in families(params):
+        if novel and not transfers_to_new_classes(params, family):
+            continue
+        name = family_name(params, family)
+        models[name] = load_family(backbone, classes, params, name, seed)
+    return models
+
+
+def metric_names(params: Params) -> list[str]:
+    """The evaluation's columns in order: clean, PGD at each eps, AutoAttack at each eps."""
+    attack, aa = params.evaluate.attack, params.evaluate.autoattack
+    names = ["clean"] + [f"pgd_{attack.norm}_{eps_label(e, attack.norm)}" for e in attack.eps]
+    if aa.enabled:
+        names += [f"autoattack_{attack.norm}_{eps_label(e, attack.norm)}" for e in aa.eps]
+    return names
+
+
+def autoattack_subset(n: int, params: Params) -> torch.Tensor:
+    """The fixed subset AutoAttack runs on: a seeded choice of positions within the split."""
+    cfg = params.evaluate.autoattack
+    gen = torch.Generator().manual_seed(cfg.subset_seed)
+    return torch.randperm(n, generator=gen)[: min(n, cfg.n_samples)].sort().values
+
+
 def evaluate_model(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    attack: AttackConfig,
+    global_index: torch.Tensor,
+    params: Params,
     *,
-    batch_size: int,
     device: torch.device,
     seed: int,
-    amp: torch.dtype | None,
-) -> dict[str, float]:
-    """Clean accuracy and robust accuracy at each eps, on the same samples."""
-    out: dict[str, float] = {}
+    run_autoattack: bool,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Scalar metrics and per-sample flag rows of one model on one split."""
+    attack, aa = params.evaluate.attack, params.evaluate.autoattack
+    amp = amp_dtype(params, device)
+    bs = params.evaluate.batch_size
     x = as_float_images(images)
+    out: dict[str, float] = {}
+    flags: list[dict[str, Any]] = []
+    pgd_results = []
     for eps in attack.eps:
         result = robust_accuracy(
             model,
@@ -48,29 +105,66 @@ def evaluate_model(
             steps=attack.steps,
             norm=attack.norm,
             restarts=attack.restarts,
-            batch_size=batch_size,
+            batch_size=bs,
             device=device,
             amp_dtype=amp,
             seed=seed,
         )
+        pgd_results.append(result)
         out["clean"] = result.clean_accuracy
         out[f"pgd_{attack.norm}_{eps_label(eps, attack.norm)}"] = result.robust_accuracy
-    return out
+        flags += _flag_rows(result, "pgd", eps, global_index)
+    check_eps_monotone(pgd_results)
+    if run_autoattack and aa.enabled:
+        subset = autoattack_subset(len(labels), params)
+        for eps in aa.eps:
+            result = autoattack(
+                model,
+                x[subset],
+                labels[subset],
+                eps=eps,
+                norm=attack.norm,
+                version=aa.version,
+                batch_size=bs,
+                device=device,
+                fast=aa.fast,
+                seed=seed,
+                amp_dtype=amp,
+            )
+            out[f"autoattack_{attack.norm}_{eps_label(eps, attack.norm)}"] = result.robust_accuracy
+            flags += _flag_rows(result, result.attack, eps, global_index[subset])
+    return out, flags
+
+
+def _flag_rows(
+    result: Any, attack: str, eps: float, global_index: torch.Tensor
+) -> list[dict[str, Any]]:
+    return [
+        {"attack": attack, "eps": eps, **row, "index": int(global_index[row["index"]])}
+        for row in result.to_rows()
+    ]
 
 
 def _summarise(per_seed: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     out = {}
     for key in per_seed[0]:
-        values = [r[key] for r in per_seed]
+        values = [r[key] for r in per_seed if key in r]
         mean, std = mean_std(values)
         out[key] = {"mean": mean, "std": std, "values": values}
     return out
 
 
+def _write_flags(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FLAG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
     device = setup_runtime(params)
-    amp = amp_dtype(params, device)
     data = load_embedded(layout.data)
     splits = load_splits(layout)
     backbone = backbone_for(params, device)
@@ -83,34 +177,32 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         "novel": ("test_novel", names[n_base:], n_base),
     }
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
+    flags: list[dict[str, Any]] = []
     for split, (split_name, classes, offset) in split_specs.items():
         idx = splits[split_name]
         images, labels = data.images[idx], data.labels[idx] - offset
-        for seed in params.train.seeds:
-            models = {
-                ZERO_SHOT: classifier(backbone, classes, params, prompted=False),
-                params.prompt.kind: load_prompted(backbone, classes, params, layout.prompt(seed)),
-            }
+        for i, seed in enumerate(params.train.seeds):
+            models = evaluation_models(backbone, classes, params, seed, novel=split == "novel")
             for name, model in models.items():
-                row = evaluate_model(
+                row, rows = evaluate_model(
                     model,
                     images,
                     labels,
-                    attack,
-                    batch_size=params.evaluate.batch_size,
+                    idx,
+                    params,
                     device=device,
                     seed=seed,
-                    amp=amp,
+                    run_autoattack=i == 0 and split in params.evaluate.autoattack.splits,
                 )
                 raw.setdefault(name, {}).setdefault(split, []).append(row)
-    results = {
-        m: {s: _summarise(rows) for s, rows in by_split.items()} for m, by_split in raw.items()
-    }
+                flags += [{"model": name, "split": split, "seed": seed, **r} for r in rows]
+    results = {m: {s: _summarise(rows) for s, rows in by.items()} for m, by in raw.items()}
     plot_rows = []
     for model_name, by_split in results.items():
         for split, metrics in by_split.items():
-            for key, stats in metrics.items():
-                run.log_metrics({f"{model_name}.{split}.{key}.mean": stats["mean"]})
+            run.log_metrics(
+                {f"{model_name}.{split}.{k}.mean": v["mean"] for k, v in metrics.items()}
+            )
             for eps in [0.0, *attack.eps]:
                 key = "clean" if eps == 0 else f"pgd_{attack.norm}_{eps_label(eps, attack.norm)}"
                 plot_rows.append(
@@ -128,6 +220,16 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         writer.writerows(plot_rows)
     run.log_table(plot_rows, "robustness_curve.json")
     run.log_artifact(plot)
-    out = {"attack": attack.model_dump(), "seeds": params.train.seeds, "results": results}
+    if params.evaluate.save_flags:
+        flag_file = layout.outputs / "evaluate" / "flags.csv"
+        _write_flags(flag_file, flags)
+        run.log_artifact(flag_file)
+    out = {
+        "attack": attack.model_dump(),
+        "autoattack": params.evaluate.autoattack.model_dump(),
+        "metrics": metric_names(params),
+        "seeds": params.train.seeds,
+        "results": results,
+    }
     write_json(layout.metrics_file("evaluate"), out)
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vpt_robust.config import Params
+from vpt_robust.stages.build import families, family_name
 from vpt_robust.stages.common import Layout, write_json
 from vpt_robust.stages.evaluate import eps_label
 from vpt_robust.tracking import StageRun
@@ -23,7 +24,7 @@ def _pct(stats: dict[str, float]) -> str:
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
 
-def metric_keys(attack: dict[str, Any]) -> list[str]:
+def pgd_keys(attack: dict[str, Any]) -> list[str]:
     """Clean, then PGD at each eps in the order the params list them."""
     return ["clean"] + [
         f"pgd_{attack['norm']}_{eps_label(e, attack['norm'])}" for e in attack["eps"]
@@ -33,7 +34,7 @@ def metric_keys(attack: dict[str, Any]) -> list[str]:
 def headline_table(evaluation: dict[str, Any]) -> str:
     """Markdown: one row per (model, class split), one column per metric."""
     results = evaluation["results"]
-    columns = metric_keys(evaluation["attack"])
+    columns = evaluation["metrics"]
     lines = [
         "| model | classes | " + " | ".join(columns) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
@@ -42,6 +43,21 @@ def headline_table(evaluation: dict[str, Any]) -> str:
         for split, metrics in by_split.items():
             cells = " | ".join(_pct(metrics[c]) for c in columns)
             lines.append(f"| {model} | {split} | {cells} |")
+    return "\n".join(lines)
+
+
+def stream_table(stream: dict[str, Any]) -> str:
+    """Markdown: one row per model, error (%) per stream position, then the mean."""
+    results = stream["results"]
+    first = next(iter(results.values()))["stream"]
+    heads = [f"{r['corruption'][:8]}:{r['severity']}" for r in first]
+    lines = [
+        "| model | " + " | ".join(heads) + " | mean |",
+        "| --- | " + " | ".join("---:" for _ in heads) + " | ---: |",
+    ]
+    for model, res in results.items():
+        cells = " | ".join(f"{100 * r['error']:.1f}" for r in res["stream"])
+        lines.append(f"| {model} | {cells} | {_pct(res['mean_error'])} |")
     return "\n".join(lines)
 
 
@@ -56,7 +72,7 @@ def _plot(evaluation: dict[str, Any], path: Path) -> Any:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for model, by_split in evaluation["results"].items():
         for split, metrics in by_split.items():
-            keys = metric_keys(attack)
+            keys = pgd_keys(attack)
             ys = [100 * metrics[k]["mean"] for k in keys]
             errs = [100 * metrics[k]["std"] for k in keys]
             ax.errorbar(
@@ -76,14 +92,23 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     prepare = _read(layout, "prepare")
     pretrain = _read(layout, "pretrain")
     evaluation = _read(layout, "evaluate")
+    stream = _read(layout, "stream_eval")
     table = headline_table(evaluation)
+    aa = evaluation["autoattack"]
+    aa_note = (
+        f"AutoAttack ({aa['version']}{', fast torchattacks mode' if aa['fast'] else ''}) ran on a "
+        f"fixed subset of {aa['n_samples']} samples of the {'/'.join(aa['splits'])} "
+        "classes, for the first seed only."
+        if aa["enabled"]
+        else "AutoAttack disabled."
+    )
     zs = pretrain["zero_shot"]
     text = "\n".join(
         [
             "# vpt-robust report",
             "",
             f"Backbone: {pretrain['backbone'].get('name')} ({pretrain['backbone'].get('source')}); "
-            f"prompt: {params.prompt.kind}; seeds: {evaluation['seeds']}; "
+            f"prompts: {', '.join(family_name(params, f) for f in families(params))}; seeds: {evaluation['seeds']}; "
             f"target style: {prepare['target_style']}.",
             "",
             f"Zero-shot accuracy of the frozen backbone: {100 * zs['pretrain_test']:.1f}% on "
@@ -94,6 +119,13 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             "",
             table,
             "",
+            aa_note,
+            "",
+            f"Corruption stream ({stream['stream']['protocol']}, source models, no adaptation): "
+            "error (%) per domain in stream order, mean ± std over seeds:",
+            "",
+            stream_table(stream),
+            "",
         ]
     )
     out_dir = layout.outputs / "report"
@@ -102,6 +134,10 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     fig = _plot(evaluation, out_dir / "robustness.png")
     run.log_text(text, "report.md")
     run.log_figure(fig, "robustness.png")
-    summary = {"table": table, "zero_shot": zs}
+    summary = {
+        "table": table,
+        "zero_shot": zs,
+        "stream_mean_error": {m: r["mean_error"] for m, r in stream["results"].items()},
+    }
     write_json(layout.metrics_file("report"), summary)
     return summary

@@ -1,4 +1,6 @@
-"""train_prompt: learn the configured prompt on the target style's base classes, once per seed."""
+"""train_prompt: learn every configured prompt family on the target style's base classes, once
+per seed; save each as ``outputs/prompts/<family>/seed_<s>`` and report clean accuracy on the
+base classes and, for families that transfer to new classes, on the held-out (novel) classes."""
 
 from __future__ import annotations
 
@@ -6,75 +8,113 @@ from typing import Any
 
 from vpt_robust.config import Params
 from vpt_robust.data.embedded import load_embedded
+from vpt_robust.methods.optim import autocast_dtype
 from vpt_robust.methods.supervised import train_prompt
 from vpt_robust.metrics import accuracy, mean_std
-from vpt_robust.prompts.io import save_prompt
-from vpt_robust.stages.build import backbone_for, classifier
-from vpt_robust.stages.common import Layout, amp_dtype, load_splits, setup_runtime, write_json
+from vpt_robust.prompts.io import save_prompted_model
+from vpt_robust.stages.build import (
+    backbone_for,
+    checkpoint_path,
+    classifier,
+    families,
+    family_name,
+    prompt_path,
+)
+from vpt_robust.stages.common import Layout, load_splits, setup_runtime, write_json
 from vpt_robust.tracking import StageRun
 from vpt_robust.utils import seed_everything
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
 
 
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
     device = setup_runtime(params)
+    amp = autocast_dtype(params.runtime.precision, device)
     data = load_embedded(layout.data)
     splits = load_splits(layout)
     backbone = backbone_for(params, device)
-    base = list(data.class_names[: params.data.base_classes])
-    train_idx, test_idx = splits["prompt_train"], splits["test_base"]
+    n_base = params.data.base_classes
+    base, novel = list(data.class_names[:n_base]), list(data.class_names[n_base:])
+    train_idx, base_idx, novel_idx = (
+        splits["prompt_train"],
+        splits["test_base"],
+        splits["test_novel"],
+    )
+    bs = params.evaluate.batch_size
+    fams = families(params)
+    names = [family_name(params, f) for f in fams]
     run.log_params(
         {
-            "prompt": params.prompt.model_dump(),
+            "families": {n: f.model_dump(mode="json") for n, f in zip(names, fams, strict=True)},
             "train": params.train.model_dump(),
             "head": params.head.model_dump(),
         }
     )
-    per_seed: dict[str, Any] = {}
-    for seed in params.train.seeds:
-        seed_everything(seed)
-        model = classifier(backbone, base, params, prompted=True)
-        summary = train_prompt(
-            model,
-            data.images[train_idx],
-            data.labels[train_idx],
-            cfg=params.train,
-            device=device,
-            seed=seed,
-            amp_dtype=amp_dtype(params, device),
-            on_step=lambda step, m, s=seed: run.log_metrics(
-                {f"seed{s}_{k}": v for k, v in m.items()}, step=step
-            ),
-        )
-        summary["test_base_acc"] = accuracy(
-            model,
-            data.images[test_idx],
-            data.labels[test_idx],
-            batch_size=params.evaluate.batch_size,
-            device=device,
-        )
-        summary["learned_values"] = model.num_trainable()
-        metadata = {
-            "prompt": params.prompt.model_dump(),
-            "head": params.head.model_dump(),
-            "train": params.train.model_dump(),
-            "seed": seed,
-            "backbone": backbone.identity,
-            "class_names": base,
-            "image_size": backbone.image_size,
-            "summary": summary,
+    results: dict[str, Any] = {}
+    for name, family in zip(names, fams, strict=True):
+        train_cfg = family.train_config(params.train)
+        per_seed: dict[str, Any] = {}
+        for seed in params.train.seeds:
+            seed_everything(seed)
+            model = classifier(backbone, base, params, prompted=True, family=family)
+            summary = train_prompt(
+                model,
+                data.images[train_idx],
+                data.labels[train_idx],
+                cfg=train_cfg,
+                device=device,
+                seed=seed,
+                amp_dtype=amp,
+                checkpoint=checkpoint_path(layout, name, seed),
+                fingerprint={"backbone": backbone.identity, "classes": base, "spec": model.spec},
+                on_step=lambda step, m, n=name, s=seed: run.log_metrics(
+                    {f"{n}.seed{s}.{k}": v for k, v in m.items()}, step=step
+                ),
+            )
+            summary["test_base_acc"] = accuracy(
+                model, data.images[base_idx], data.labels[base_idx], batch_size=bs, device=device
+            )
+            summary["learned_values"] = model.num_trainable()
+            if not model.class_bound:
+                # The same learned tensors, classifying the held-out classes zero-shot.
+                novel_model = classifier(backbone, novel, params, prompted=True, family=family)
+                novel_model.load_learned_state(model.learned_state())
+                summary["test_novel_acc"] = accuracy(
+                    novel_model,
+                    data.images[novel_idx],
+                    data.labels[novel_idx] - n_base,
+                    batch_size=bs,
+                    device=device,
+                )
+            path = prompt_path(layout, name, seed)
+            extra = {"family": name, "train": train_cfg.model_dump(), "seed": seed}
+            save_prompted_model(path, model, extra={**extra, "summary": summary})
+            for suffix in (".safetensors", ".json"):
+                run.log_artifact(path.with_suffix(suffix), f"prompts/{name}")
+            per_seed[str(seed)] = summary
+        entry: dict[str, Any] = {
+            "prompt": family.model_dump(mode="json"),
+            "head": family.head_kind(params.head.kind),
+            "train": train_cfg.model_dump(),
+            "learned_values": next(iter(per_seed.values()))["learned_values"],
+            "seeds": per_seed,
+            "test_base_acc": _stats([s["test_base_acc"] for s in per_seed.values()]),
         }
-        weights, meta = save_prompt(layout.prompt(seed), model.learned_state(), metadata=metadata)
-        run.log_artifact(weights, "prompts")
-        run.log_artifact(meta, "prompts")
-        per_seed[str(seed)] = summary
-    accs = [s["test_base_acc"] for s in per_seed.values()]
-    mean, std = mean_std(accs)
-    result = {
-        "prompt": params.prompt.kind,
-        "seeds": per_seed,
-        "test_base_acc": {"mean": mean, "std": std, "values": accs},
-    }
-    run.log_metrics({"test_base_acc_mean": mean, "test_base_acc_std": std})
+        if all("test_novel_acc" in s for s in per_seed.values()):
+            entry["test_novel_acc"] = _stats([s["test_novel_acc"] for s in per_seed.values()])
+        results[name] = entry
+        run.log_metrics(
+            {f"{name}.test_base_acc_mean": entry["test_base_acc"]["mean"]}
+            | (
+                {f"{name}.test_novel_acc_mean": entry["test_novel_acc"]["mean"]}
+                if "test_novel_acc" in entry
+                else {}
+            )
+        )
+    result = {"seeds": list(params.train.seeds), "families": results}
     write_json(layout.metrics_file("train_prompt"), result)
     return result

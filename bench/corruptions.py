@@ -1,0 +1,216 @@
+"""Throughput of our batched corruptions vs the reference `imagecorruptions` package.
+
+Per corruption and image size, in one run on the same images (real photos from scikit-image,
+resized): images/s of `vpt_robust.corruptions.corrupt` on a batch (CPU or CUDA) and of
+`imagecorruptions.corrupt` per image on one CPU core (numpy/OpenCV/BLAS threads pinned to 1),
+and their ratio. Both use the same parameter table (ImageNet-C, the only one imagecorruptions
+has) unless --table says otherwise. The reference's glass_blur and fog run through the same
+compatibility shims as the fidelity tests (its code unchanged). Severity 3 by default.
+
+    python bench/corruptions.py --device cpu --sizes 32 224 --batch 64
+    python bench/corruptions.py --device cuda --batch 256
+
+Writes a JSON file (--out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vpt_robust.corruptions import CORRUPTIONS, corrupt
+
+
+def load_reference() -> Callable[..., np.ndarray]:
+    """imagecorruptions.corrupt, made importable/runnable on current NumPy and scikit-image."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("pkg_resources")
+
+        def resource_filename(package: str, name: str) -> str:
+            return os.path.join(os.path.dirname(sys.modules[package].__file__), name)
+
+        stub.resource_filename = resource_filename  # type: ignore[attr-defined]
+        sys.modules["pkg_resources"] = stub
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64  # type: ignore[attr-defined]
+    import imagecorruptions.corruptions as icc
+    import skimage.filters
+    from imagecorruptions import corrupt as ic_corrupt
+
+    gaussian = skimage.filters.gaussian
+
+    def gaussian_compat(*args, multichannel=None, **kwargs):
+        if multichannel:
+            kwargs["channel_axis"] = -1
+        return gaussian(*args, **kwargs)
+
+    icc.gaussian = gaussian_compat
+    return ic_corrupt
+
+
+def photos(size: int, n: int) -> np.ndarray:
+    """n uint8 (size, size, 3) images cycling over eight scikit-image photos."""
+    import skimage.data
+    from PIL import Image
+
+    sources = (
+        skimage.data.astronaut,
+        skimage.data.chelsea,
+        skimage.data.coffee,
+        skimage.data.rocket,
+        skimage.data.immunohistochemistry,
+        skimage.data.colorwheel,
+        skimage.data.retina,
+        skimage.data.hubble_deep_field,
+    )
+    base = [
+        np.asarray(Image.fromarray(f()).convert("RGB").resize((size, size), Image.BICUBIC))
+        for f in sources
+    ]
+    return np.stack([base[i % len(base)] for i in range(n)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ours(
+    x: torch.Tensor, name: str, severity: int, table: str, min_time: float, max_reps: int
+) -> float:
+    """Images/s of one batched call, after a warm-up call (kernels, caches, textures)."""
+    device = x.device
+    corrupt(x, name, severity, seed=0, table=table)
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while True:
+        corrupt(x, name, severity, seed=reps + 1, table=table)
+        reps += 1
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time or reps >= max_reps:
+            return reps * x.shape[0] / elapsed
+
+
+def time_reference(
+    ic_corrupt: Callable[..., np.ndarray], imgs: np.ndarray, name: str, severity: int,
+    min_time: float, max_images: int,
+) -> float:  # fmt: skip
+    """Images/s of the per-image reference on one core, after one warm-up image."""
+    np.random.seed(0)
+    ic_corrupt(imgs[0], corruption_name=name, severity=severity)
+    count, start = 0, time.perf_counter()
+    while True:
+        ic_corrupt(imgs[count % len(imgs)], corruption_name=name, severity=severity)
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time or count >= max_images:
+            return count / elapsed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=64, help="batch size for ours")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--severity", type=int, default=3)
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
+    parser.add_argument("--table", default="imagenet", choices=["imagenet", "cifar", "auto"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for ours")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--max-reps", type=int, default=50, help="max batched calls (ours)")
+    parser.add_argument("--max-ref-images", type=int, default=200)
+    parser.add_argument("--out", default=None, help="JSON path (default outputs/bench/...)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    ic_corrupt = load_reference()
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    rows = []
+    for size in args.sizes:
+        imgs = photos(size, args.batch)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255.0).to(device)
+        for name in args.corruptions:
+            torch.set_num_threads(args.threads)
+            cv2.setNumThreads(max(args.threads, 1))
+            ours = time_ours(x, name, args.severity, args.table, args.min_time, args.max_reps)
+            torch.set_num_threads(1)
+            cv2.setNumThreads(1)
+            with threadpool_limits(limits=1):
+                ref = time_reference(
+                    ic_corrupt, imgs, name, args.severity, args.min_time, args.max_ref_images
+                )
+            rows.append(
+                {
+                    "corruption": name,
+                    "size": size,
+                    "ours_img_s": ours,
+                    "reference_img_s": ref,
+                    "ratio": ours / ref,
+                }
+            )
+            print(
+                f"{name:18s} {size:4d}px  ours {ours:10.1f} img/s  reference {ref:8.1f} img/s"
+                f"  x{ours / ref:8.1f}",
+                flush=True,
+            )
+    result = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads_ours": args.threads if device.type == "cpu" else None,
+        "threads_reference": 1,
+        "batch": args.batch,
+        "severity": args.severity,
+        "table": args.table,
+        "rows": rows,
+    }  # fmt: skip
+    out = Path(args.out or f"outputs/bench/corruptions_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"\nwritten: {out}")
+    return result
+
+
+def print_table(result: dict) -> None:
+    sizes = sorted({r["size"] for r in result["rows"]})
+    names = list(dict.fromkeys(r["corruption"] for r in result["rows"]))
+    by = {(r["corruption"], r["size"]): r for r in result["rows"]}
+    print(
+        f"\nimages/s, severity {result['severity']}, table {result['table']}, "
+        f"ours on {result['device']} (batch {result['batch']}) vs imagecorruptions (1 core)"
+    )
+    header = "| corruption | " + " | ".join(f"ours {s}px | ref {s}px | ratio {s}px" for s in sizes)
+    print(header + " |")
+    print("|" + " --- |" * (1 + 3 * len(sizes)))
+    for n in names:
+        cells = []
+        for s in sizes:
+            r = by.get((n, s))
+            cells += (
+                [f"{r['ours_img_s']:.0f}", f"{r['reference_img_s']:.0f}", f"{r['ratio']:.1f}x"]
+                if r
+                else ["-", "-", "-"]
+            )
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Digital corruptions: brightness, contrast, elastic transform, pixelate and JPEG compression."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear
+
+
+def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Tensor:
+    """Add `delta` to the HSV value (clipped at 1), hue and saturation unchanged.
+
+    With V = max over channels, the HSV round trip scales every channel by V' / V, so this is
+    exactly skimage's rgb2hsv -> V += delta -> hsv2rgb, without the colour-space conversion.
+    """
+    v = x.amax(dim=1, keepdim=True)
+    v_new = (v + delta).clamp_(max=1.0)
+    ratio = v_new / v.clamp_min(1e-12)
+    return torch.where(v > 0, x * ratio, v_new.expand_as(x)).clamp_(0.0, 1.0)
+
+
+def contrast(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
+    """Shrink each channel's deviation from its own spatial mean by `factor`."""
+    means = x.mean(dim=(2, 3), keepdim=True)
+    return (x * factor).add_(means * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def _affine_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 3) affine maps taking 3 source points to 3 destination points (cv2 convention)."""
+    ones = torch.ones(*src.shape[:-1], 1, dtype=src.dtype, device=src.device)
+    a = torch.cat([src, ones], dim=-1)  # (B, 3, 3) rows [x, y, 1]
+    return torch.linalg.solve(a, dst).transpose(1, 2)
+
+
+def warp_affine_mirror(img: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """cv2.warpAffine(img, M, (W, H), INTER_LINEAR, BORDER_REFLECT_101) for a batch of M.
+
+    OpenCV samples dst(p) = src(M^-1 p) with source positions rounded to 1/32 pixel.
+    """
+    b, _, h, w = img.shape
+    full = torch.zeros(b, 3, 3, dtype=torch.float64, device=img.device)
+    full[:, :2] = matrix
+    full[:, 2, 2] = 1.0
+    inv = torch.linalg.inv(full)[:, :2]
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64, device=img.device),
+        torch.arange(w, dtype=torch.float64, device=img.device),
+        indexing="ij",
+    )
+    grid = torch.stack([xx, yy, torch.ones_like(xx)], dim=0).view(1, 3, -1)
+    src = inv @ grid  # (B, 2, H*W) source (x, y)
+    src = torch.round(src * 32.0) / 32.0
+    xs = src[:, 0].view(b, h, w).to(img.dtype)
+    ys = src[:, 1].view(b, h, w).to(img.dtype)
+    return sample_bilinear(img, ys, xs, mode="mirror")
+
+
+def elastic_transform(
+    x: torch.Tensor, params: tuple[float, float, float], gen: torch.Generator
+) -> torch.Tensor:
+    """Random affine warp, then a smooth random displacement field (the original ImageNet-C /
+    CIFAR-10-C definition; `imagecorruptions` replaced it by a size-relative variant).
+
+    params = (alpha, sigma, jitter) in pixels: the three affine anchor points move by
+    U(-jitter, jitter); the displacement is alpha * Gaussian_sigma(U(-1, 1)) per axis
+    (scipy "reflect" borders, truncate 3); resampling is bilinear with reflected borders.
+    """
+    b, _, h, w = x.shape
+    jitter = torch.rand((b, 3, 2), generator=gen, device=x.device, dtype=torch.float32) * 2 - 1
+    fields = torch.rand((b, 2, h, w), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
+    return elastic_from_draws(x, params, jitter, fields)
+
+
+def elastic_from_draws(
+    x: torch.Tensor, params: tuple[float, float, float], jitter: torch.Tensor, fields: torch.Tensor
+) -> torch.Tensor:
+    """The elastic transform given its random draws: jitter (B, 3, 2) and fields (B, 2, H, W),
+    both U(-1, 1); fields[:, 0] displaces x (columns), fields[:, 1] displaces y (rows)."""
+    alpha, sigma, spread = (float(p) for p in params)
+    b, _, h, w = x.shape
+    cy, cx = float(h // 2), float(w // 2)  # the original's center_square = [H // 2, W // 2]
+    s = float(min(h, w) // 3)
+    pts1 = torch.tensor(
+        [[cy + s, cx + s], [cy + s, cx - s], [cy - s, cx - s]], dtype=torch.float32, device=x.device
+    ).expand(b, 3, 2)
+    pts2 = pts1 + jitter.to(torch.float32) * spread
+    warped = warp_affine_mirror(x, _affine_from_points(pts1.double(), pts2.double()))
+    disp = gaussian_filter(fields, sigma, mode="reflect", truncate=3.0) * alpha
+    yy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
+    xx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
+    out = sample_bilinear(warped, yy + disp[:, 1], xx + disp[:, 0], mode="reflect")
+    return out.clamp_(0.0, 1.0)
+
+
+@lru_cache(maxsize=64)
+def _box_ranges(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel range [lo, hi) that PIL's BOX filter averages for each output pixel (downscaling).
+
+    PIL weights input pixel j by box((j + 0.5 - centre) / scale) with box(t) = 1 on (-0.5, 0.5]
+    and centre = (i + 0.5) * scale: the pixels whose centres fall in the output pixel's footprint.
+    """
+    scale = n_in / n_out
+    support = 0.5 * max(scale, 1.0)
+    lo = np.zeros(n_out, dtype=np.int64)
+    hi = np.zeros(n_out, dtype=np.int64)
+    for i in range(n_out):
+        centre = (i + 0.5) * scale
+        xmin = max(int(centre - support + 0.5), 0)
+        xmax = min(int(centre + support + 0.5), n_in)
+        taps = [j for j in range(xmin, xmax) if -0.5 < (j + 0.5 - centre) / scale <= 0.5]
+        lo[i], hi[i] = taps[0], taps[-1] + 1
+    return lo, hi
+
+
+def _box_down(x: torch.Tensor, n_out: int, dim: int) -> torch.Tensor:
+    """PIL BOX downscaling along one dim: the mean of each output pixel's input range."""
+    lo, hi = _box_ranges(x.shape[dim], n_out)
+    taps = int((hi - lo).max())
+    count = torch.as_tensor(hi - lo, dtype=x.dtype, device=x.device)
+    shape = [1] * x.dim()
+    shape[dim] = n_out
+    out = None
+    for t in range(taps):
+        valid = torch.as_tensor((lo + t < hi).astype(np.float32), device=x.device).to(x.dtype)
+        idx = torch.as_tensor(np.minimum(lo + t, hi - 1), device=x.device)
+        term = x.index_select(dim, idx) * (valid / count).view(shape)
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels as PIL's fixed-point resampler does (halves go up)."""
+    return torch.floor(x * 255.0 + (0.5 + 1e-4)) / 255.0
+
+
+def pixelate(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
+    """Shrink by `factor` with PIL's BOX filter, then enlarge back (nearest = BOX upscaling).
+
+    PIL resamples 8-bit images horizontally, then vertically, rounding to 8 bits after each
+    pass; we do the same so results match PIL on 8-bit input.
+    """
+    _, _, h, w = x.shape
+    sh, sw = max(int(h * factor), 1), max(int(w * factor), 1)
+    small = _round_half_up(_box_down(x, sw, dim=3))
+    small = _round_half_up(_box_down(small, sh, dim=2))
+    rows = torch.clamp(((torch.arange(h) + 0.5) * (sh / h)).floor().long(), max=sh - 1)
+    cols = torch.clamp(((torch.arange(w) + 0.5) * (sw / w)).floor().long(), max=sw - 1)
+    return small.index_select(2, rows.to(x.device)).index_select(3, cols.to(x.device))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats to 8-bit values, rounding to nearest (the inverse of / 255)."""
+    return torch.round(x * 255.0).clamp_(0, 255).to(torch.uint8)
+
+
+def jpeg_compression(x: torch.Tensor, quality: int, gen: torch.Generator) -> torch.Tensor:
+    """Encode every image as a JPEG at `quality` and decode it (libjpeg on CPU, nvJPEG on CUDA).
+
+    Same codec and settings as PIL's save(quality=q) / open (4:2:0, baseline): the bytes match
+    the reference's. The codec runs per image, so on CPU this costs what the reference costs.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    images = list(to_uint8(x).unbind(0))
+    encoded = encode_jpeg(images, quality=int(quality))
+    if x.device.type == "cuda":
+        decoded = decode_jpeg([e.cpu() for e in encoded], mode=ImageReadMode.RGB, device=x.device)
+    else:
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+    return torch.stack(decoded).to(x.dtype).div_(255.0)

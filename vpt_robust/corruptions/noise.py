@@ -1,0 +1,29 @@
+"""Noise corruptions: Gaussian, shot (Poisson) and impulse (salt-and-pepper) noise."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gaussian_noise(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """x + N(0, std^2) per value, clipped to [0, 1]."""
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return noise.mul_(std).add_(x).clamp_(0.0, 1.0)
+
+
+def shot_noise(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Poisson(x * scale) / scale per value, clipped to [0, 1] (photon counting noise)."""
+    counts = torch.poisson(x * scale, generator=gen)
+    return counts.div_(scale).clamp_(0.0, 1.0)
+
+
+def impulse_noise(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    """Each value independently becomes 0 or 1 (equally likely) with probability `amount`.
+
+    skimage's random_noise(mode="s&p") draws "flipped" and "salted" separately; one uniform
+    u gives the same law: u < amount / 2 -> 0, amount / 2 <= u < amount -> 1.
+    """
+    u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    hit = u < amount
+    # For u in [0, amount): floor(2u / amount) is 0 on the first half, 1 on the second.
+    return torch.where(hit, u.mul_(2.0 / amount).floor_(), x)

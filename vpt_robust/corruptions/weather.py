@@ -1,0 +1,146 @@
+"""Weather corruptions: snow, frost and fog."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vpt_robust.corruptions.filters import clipped_zoom, motion_blur, rgb_to_gray
+from vpt_robust.corruptions.frost_textures import N_TEXTURES, frost_texture
+
+# ---------------------------------------------------------------------------------------- snow
+
+
+def snow(x: torch.Tensor, params: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:
+    """Falling snow: a thresholded, zoomed noise layer smeared by motion blur, over a greyed image.
+
+    As in `imagecorruptions` (the original ran ImageMagick on an 8-bit PNG of the layer): the
+    layer is motion-blurred in float and rounded to 8 bits afterwards; its angle ~ U(-135, -45).
+    """
+    loc, scale, zoom, threshold, radius, sigma, blend = params
+    b, _, h, w = x.shape
+    layer = torch.randn((b, 1, h, w), generator=gen, device=x.device, dtype=x.dtype)
+    layer = clipped_zoom(layer.mul_(scale).add_(loc), float(zoom))
+    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp_(0.0, 1.0)
+    angles = torch.rand(b, generator=gen, device=x.device, dtype=torch.float64) * 90.0 - 135.0
+    layer = motion_blur(layer.contiguous(), int(radius), float(sigma), angles)
+    layer = torch.round(layer * 255.0) / 255.0
+    grey = rgb_to_gray(x) * 1.5 + 0.5
+    base = blend * x + (1.0 - blend) * torch.maximum(x, grey)
+    return (base + layer + layer.flip(-2, -1)).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------- frost
+
+_TEXTURE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _textures(
+    table: str, height: int, width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All frost textures, scaled for this table and image size, padded into one stack.
+
+    CIFAR: the original shrinks each photo to 20 % (bilinear) before cropping 32 px. ImageNet:
+    photos are cropped at native size; a photo smaller than the image is enlarged (bicubic) by
+    1.1 x the factor that makes it cover the image, as `imagecorruptions` does.
+    """
+    key = (table, height, width, str(device))
+    if key in _TEXTURE_CACHE:
+        return _TEXTURE_CACHE[key]
+    scaled = []
+    for i in range(N_TEXTURES):
+        tex = frost_texture(i)
+        th, tw = tex.shape[-2:]
+        if table == "cifar":
+            size = (round(th * 0.2), round(tw * 0.2))
+            tex = F.interpolate(tex[None], size=size, mode="bilinear", align_corners=False)[0]
+        if tex.shape[-2] < height or tex.shape[-1] < width:
+            factor = 1.1 * max(height / tex.shape[-2], width / tex.shape[-1])
+            size = (math.ceil(tex.shape[-2] * factor), math.ceil(tex.shape[-1] * factor))
+            tex = F.interpolate(tex[None], size=size, mode="bicubic", align_corners=False)[0]
+        scaled.append(tex.clamp(0.0, 255.0))
+    hmax = max(t.shape[-2] for t in scaled)
+    wmax = max(t.shape[-1] for t in scaled)
+    stack = torch.zeros(N_TEXTURES, 3, hmax, wmax)
+    for i, t in enumerate(scaled):
+        stack[i, :, : t.shape[-2], : t.shape[-1]] = t
+    sizes_h = torch.tensor([t.shape[-2] for t in scaled], device=device)
+    sizes_w = torch.tensor([t.shape[-1] for t in scaled], device=device)
+    entry = (stack.to(device), sizes_h, sizes_w)
+    _TEXTURE_CACHE[key] = entry
+    return entry
+
+
+def frost(
+    x: torch.Tensor, params: tuple[float, float], gen: torch.Generator, table: str
+) -> torch.Tensor:
+    """c0 * image + c1 * (random crop of a random frost texture), clipped.
+
+    Texture i ~ U{0..4} per image, crop corner uniform over the valid range (as the original).
+    """
+    c_img, c_frost = params
+    b, _, h, w = x.shape
+    stack, th, tw = _textures(table, h, w, x.device)
+    idx = torch.randint(0, N_TEXTURES, (b,), generator=gen, device=x.device)
+    span_h = (th[idx] - h).clamp_min(1)
+    span_w = (tw[idx] - w).clamp_min(1)
+    u = torch.rand((2, b), generator=gen, device=x.device, dtype=torch.float64)
+    y0 = torch.minimum((u[0] * span_h).long(), span_h - 1)
+    x0 = torch.minimum((u[1] * span_w).long(), span_w - 1)
+    rows = y0[:, None] + torch.arange(h, device=x.device)[None]
+    cols = x0[:, None] + torch.arange(w, device=x.device)[None]
+    chan = torch.arange(3, device=x.device)
+    crop = stack[idx[:, None, None, None], chan[None, :, None, None], rows[:, None, :, None],
+                 cols[:, None, None, :]]  # fmt: skip
+    return (x * c_img + crop.to(x.dtype) * (c_frost / 255.0)).clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- fog
+
+
+def plasma_fractal(
+    batch: int, mapsize: int, decay: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Diamond-square height maps (B, mapsize, mapsize) in [0, 1], toroidal as the original.
+
+    Every new point is the mean of its 4 neighbours plus wibble * U(-wibble, wibble); wibble
+    starts at 100 and is divided by `decay` after each level.
+    """
+    if mapsize & (mapsize - 1):
+        raise ValueError(f"mapsize: {mapsize} is not a power of two")
+    a = torch.zeros(batch, mapsize, mapsize, dtype=torch.float32, device=device)
+    step = mapsize
+    wibble = 100.0
+
+    def wibbled_mean(total: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(total.shape, generator=gen, dtype=torch.float32, device=device)
+        return noise.mul_(2 * wibble * wibble).add_(total, alpha=0.25).sub_(wibble * wibble)
+
+    while step >= 2:
+        half = step // 2
+        corners = a[:, 0::step, 0::step]
+        squares = corners + corners.roll(-1, dims=1)
+        squares = squares + squares.roll(-1, dims=2)
+        a[:, half::step, half::step] = wibbled_mean(squares)
+        centres = a[:, half::step, half::step]
+        corners = a[:, 0::step, 0::step]
+        left = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
+        a[:, 0::step, half::step] = wibbled_mean(left)
+        top = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
+        a[:, half::step, 0::step] = wibbled_mean(top)
+        step //= 2
+        wibble /= decay
+    a = a - a.amin(dim=(1, 2), keepdim=True)
+    return a / a.amax(dim=(1, 2), keepdim=True)
+
+
+def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """Add a plasma-fractal haze, then rescale by max / (max + strength) (per image)."""
+    strength, decay = params
+    b, _, h, w = x.shape
+    mapsize = 1 << (max(h, w) - 1).bit_length()
+    haze = plasma_fractal(b, mapsize, float(decay), gen, x.device)[:, None, :h, :w].to(x.dtype)
+    max_val = x.amax(dim=(1, 2, 3), keepdim=True)
+    return ((x + strength * haze) * (max_val / (max_val + strength))).clamp_(0.0, 1.0)
