@@ -68,6 +68,16 @@ def load_splits(layout: Layout) -> dict[str, torch.Tensor]:
         return {s: torch.from_numpy(z[s]).long() for s in SPLITS}
 
 
+def eval_split(params: Params, class_names: list[str], split: str) -> tuple[str, list[str], int]:
+    """``base``/``novel`` -> (index set in splits.npz, its class names, label offset)."""
+    n_base = params.data.base_classes
+    if split in ("base", "test_base"):
+        return "test_base", class_names[:n_base], 0
+    if split in ("novel", "test_novel"):
+        return "test_novel", class_names[n_base:], n_base
+    raise ValueError(f"split: {split!r} is not 'base' or 'novel'")
+
+
 def setup_runtime(params: Params) -> torch.device:
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)

@@ -23,7 +23,14 @@ from vpt_robust.stages.build import (
     load_family,
     transfers_to_new_classes,
 )
-from vpt_robust.stages.common import Layout, amp_dtype, load_splits, setup_runtime, write_json
+from vpt_robust.stages.common import (
+    Layout,
+    amp_dtype,
+    eval_split,
+    load_splits,
+    setup_runtime,
+    write_json,
+)
 from vpt_robust.tracking import StageRun
 
 ZERO_SHOT = "zero_shot"
@@ -168,14 +175,10 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     data = load_embedded(layout.data)
     splits = load_splits(layout)
     backbone = backbone_for(params, device)
-    n_base = params.data.base_classes
     names = list(data.class_names)
     attack = params.evaluate.attack
     run.log_params({"evaluate": params.evaluate.model_dump()})
-    split_specs = {
-        "base": ("test_base", names[:n_base], 0),
-        "novel": ("test_novel", names[n_base:], n_base),
-    }
+    split_specs = {split: eval_split(params, names, split) for split in ("base", "novel")}
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     flags: list[dict[str, Any]] = []
     for split, (split_name, classes, offset) in split_specs.items():

@@ -15,7 +15,7 @@ from vpt_robust.corruptions.streams import GeneratedSource
 from vpt_robust.data.embedded import load_embedded
 from vpt_robust.metrics import as_float_images, mean_std
 from vpt_robust.stages.build import backbone_for
-from vpt_robust.stages.common import Layout, load_splits, setup_runtime, write_json
+from vpt_robust.stages.common import Layout, eval_split, load_splits, setup_runtime, write_json
 from vpt_robust.stages.evaluate import evaluation_models
 from vpt_robust.tracking import StageRun
 from vpt_robust.utils import progress
@@ -105,13 +105,8 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     data = load_embedded(layout.data)
     splits = load_splits(layout)
     backbone = backbone_for(params, device)
-    n_base = params.data.base_classes
-    names = list(data.class_names)
-    idx = splits[params.stream.split]
-    if params.stream.split == "test_base":
-        classes, offset = names[:n_base], 0
-    else:
-        classes, offset = names[n_base:], n_base
+    split, classes, offset = eval_split(params, list(data.class_names), params.stream.split)
+    idx = splits[split]
     stream = build_stream(params, data.images[idx], data.labels[idx] - offset, device)
     description = stream.describe()
     run.log_params({"stream": params.stream.model_dump()})
