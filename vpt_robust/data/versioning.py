@@ -16,20 +16,28 @@ class DataVersionError(RuntimeError):
     """The materialised data do not match the version recorded in data.dvc."""
 
 
-def dvc_status(dvc_file: Path) -> str | None:
-    """None when the workspace matches ``dvc_file``, else DVC's word for the change."""
+def dvc_mismatch(dvc_file: Path) -> str | None:
+    """None when the workspace holds exactly what ``dvc_file`` records, else what differs.
+
+    Hashes with DVC's own machinery, so it also works in a fresh clone whose DVC cache is empty
+    (where ``dvc status`` can only say "not in cache").
+    """
     from dvc.repo import Repo
 
     repo = Repo(str(dvc_file.resolve().parent))
     try:
-        status = repo.status(targets=[str(dvc_file.resolve())])
+        problems = []
+        for stage in repo.stage.collect(str(dvc_file.resolve())):
+            for out in stage.outs:
+                if not out.exists:
+                    problems.append(f"{out} is missing")
+                    continue
+                recorded, actual = out.hash_info.value, out.get_hash().value
+                if recorded != actual:
+                    problems.append(f"{out} hashes to {actual}, {dvc_file.name} records {recorded}")
     finally:
         repo.close()
-    for entries in status.values():
-        for entry in entries:
-            if isinstance(entry, dict) and "changed outs" in entry:
-                return ", ".join(f"{k} {v}" for k, v in entry["changed outs"].items())
-    return None
+    return "; ".join(problems) or None
 
 
 def _built_with(root: Path) -> dict[str, int] | None:
@@ -50,7 +58,7 @@ def ensure_data(params: Params, *, dvc_file: Path = Path("data.dvc"), force: boo
     cfg = params.data
     wanted = {"seed": cfg.seed, "image_size": cfg.image_size, "per_class_style": cfg.per_class_style}
     built = _built_with(root)
-    if tracked and not force and built == wanted and dvc_status(dvc_file) is None:
+    if tracked and not force and built == wanted and dvc_mismatch(dvc_file) is None:
         return f"{root}/ is up to date with {dvc_file}"
     if tracked and not force and built is not None and built != wanted:
         raise DataVersionError(
@@ -61,7 +69,7 @@ def ensure_data(params: Params, *, dvc_file: Path = Path("data.dvc"), force: boo
     materialize(root, seed=cfg.seed, image_size=cfg.image_size, per_class_style=cfg.per_class_style)
     if not tracked:
         return f"materialised {root}/; version it with `dvc add {root}` and commit {dvc_file}"
-    change = dvc_status(dvc_file)
+    change = dvc_mismatch(dvc_file)
     if change is not None:
         raise DataVersionError(
             f"{root}/ materialised from params (data.seed={cfg.seed}, data.image_size="
