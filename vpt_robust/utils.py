@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -36,4 +37,7 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     from tqdm.auto import tqdm
 
     disable = os.environ.get("VPT_ROBUST_NO_PROGRESS", "") not in ("", "0")
-    return iter(tqdm(iterable, desc=desc, total=total, disable=disable, leave=False))
+    # In a log file (dvc repro, CI) every redraw is a new line: redraw rarely there.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    bar = tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, mininterval=interval)
+    return iter(bar)
