@@ -48,3 +48,21 @@ def test_eps_labels() -> None:
     assert eps_label(4 / 255, "Linf") == "4/255"
     assert eps_label(0.5, "L2") == "0.5"
     assert eps_label(0.003, "Linf") == "0.003"
+
+
+def test_headline_table_marks_metrics_a_split_did_not_run() -> None:
+    from vpt_robust.stages.report import headline_table
+
+    stats = {"mean": 0.5, "std": 0.1}
+    evaluation = {
+        "metrics": ["clean", "autoattack_Linf_1/255"],
+        "results": {
+            "zero_shot": {
+                "base": {"clean": stats, "autoattack_Linf_1/255": stats},
+                "novel": {"clean": stats},
+            }
+        },
+    }
+    table = headline_table(evaluation)
+    assert "| zero_shot | base | 50.0 ± 10.0 | 50.0 ± 10.0 |" in table
+    assert "| zero_shot | novel | 50.0 ± 10.0 | – |" in table

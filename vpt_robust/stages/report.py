@@ -41,7 +41,7 @@ def headline_table(evaluation: dict[str, Any]) -> str:
     ]
     for model, by_split in results.items():
         for split, metrics in by_split.items():
-            cells = " | ".join(_pct(metrics[c]) for c in columns)
+            cells = " | ".join(_pct(metrics[c]) if c in metrics else "–" for c in columns)
             lines.append(f"| {model} | {split} | {cells} |")
     return "\n".join(lines)
 
