@@ -1,4 +1,5 @@
-"""Contrastive pretraining of the embedded tiny CLIP, and a zero-shot accuracy check.
+"""Contrastive pretraining of the embedded tiny CLIP (zero-shot accuracy is measured by the
+pretrain stage through the same zero-shot head every other stage uses).
 
 The loss is CLIP's symmetric InfoNCE with one change: images whose captions are identical are
 all positives of each other (soft targets spread evenly over them, as in UniCL, Yang et al.
@@ -30,7 +31,6 @@ __all__ = [
     "clip_normalizer",
     "multi_positive_clip_loss",
     "pretrain_clip",
-    "zero_shot_accuracy",
 ]
 
 
@@ -229,56 +229,3 @@ def pretrain_clip(
         "images_per_second": steps * batch_size / seconds,
         "steps": float(steps),
     }
-
-
-@torch.no_grad()
-def class_text_features(
-    model: nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    class_names: Sequence[str],
-    templates: Sequence[str],
-    device: torch.device,
-) -> torch.Tensor:
-    """(C, D) unit text features: per class, the mean of its normalised template features."""
-    feats = []
-    for name in class_names:
-        t = F.normalize(
-            model.encode_text(tokenizer([tp.format(name) for tp in templates]).to(device)), dim=-1
-        )
-        feats.append(F.normalize(t.mean(0), dim=-1))
-    return torch.stack(feats)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(
-    model: nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    data: EmbeddedData,
-    class_names: Sequence[str],
-    templates: Sequence[str],
-    device: torch.device,
-    batch_size: int = 256,
-) -> float:
-    """Top-1 accuracy of the CLIP zero-shot head over ``class_names`` on all images of ``data``.
-
-    Labels index ``class_names``; images of other classes are an error (their label has no
-    text feature).
-    """
-    if len(data) == 0:
-        raise ValueError("data: no images to evaluate")
-    if int(data.labels.max()) >= len(class_names):
-        raise ValueError(
-            f"data: labels go up to {int(data.labels.max())}, {len(class_names)} classes"
-        )
-    was_training = model.training
-    model.to(device).eval()
-    text = class_text_features(model, tokenizer, class_names, templates, device)
-    normalize = clip_normalizer(model, device)
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        x = data.images[start : start + batch_size].to(device).float().div_(255.0)
-        f = F.normalize(model.encode_image(normalize(x)), dim=-1)
-        pred = (f @ text.t()).argmax(dim=1).cpu()
-        correct += int((pred == data.labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(data)
