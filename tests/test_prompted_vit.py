@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_clip_spec import SMALL
 from torch import nn
 
 from vpt_robust.config import BackboneConfig, HeadConfig, PromptConfig
@@ -30,16 +31,7 @@ def _tiny_clip() -> Backbone:
     from vpt_robust.models.tiny_clip import build_tiny_clip
 
     torch.manual_seed(0)
-    model = build_tiny_clip(
-        width=32,
-        depth=2,
-        heads=2,
-        stem_channels=(8, 16),
-        embed_dim=32,
-        text_width=32,
-        text_layers=1,
-        text_heads=2,
-    )
+    model = build_tiny_clip(**SMALL)
     name = "tiny-clip-test"
     return Backbone(
         model,

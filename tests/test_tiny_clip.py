@@ -7,6 +7,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from _tiny_clip_spec import SMALL
 
 from vpt_robust.data.embedded import EmbeddedData, load_embedded, materialize
 from vpt_robust.methods.pretrain import (
@@ -21,17 +22,6 @@ from vpt_robust.models.tiny_clip import (
     register_tiny_clip,
     save_clip_checkpoint,
     tiny_clip_name,
-)
-
-SMALL = dict(
-    width=32,
-    depth=2,
-    heads=2,
-    stem_channels=(8, 16),
-    embed_dim=32,
-    text_width=32,
-    text_layers=1,
-    text_heads=2,
 )
 
 
