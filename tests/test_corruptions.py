@@ -255,3 +255,70 @@ def test_grid_sampling_equals_tap_by_tap_boundary_handling() -> None:
         for mode in ("mirror", "reflect", "nearest"):
             a = sample_bilinear(x, ys, xs, mode)
             assert torch.allclose(a, sample_bilinear_taps(x, ys, xs, mode), atol=1e-12)
+
+
+def test_separable_filter_shift_and_matmul_paths_agree() -> None:
+    from vpt_robust.corruptions.filters import gaussian_kernel1d, separable_filter
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 29, 34, generator=gen)
+    for sigma in (0.7, 2.44, 6.0):
+        weights = gaussian_kernel1d(sigma, 3.0)
+        for mode in ("nearest", "reflect", "mirror"):
+            a = separable_filter(x, weights, mode, method="shifts")
+            b = separable_filter(x, weights, mode, method="matmul")
+            assert torch.allclose(a, b, atol=1e-5), (sigma, mode)
+    with pytest.raises(ValueError, match="method: 'fft'"):
+        separable_filter(x, gaussian_kernel1d(1.0), "nearest", method="fft")
+
+
+def original_plasma_fractal(mapsize: int, decay: float, uniforms: np.ndarray) -> np.ndarray:
+    """The original diamond-square (hendrycks/robustness) with its np.random.uniform draws
+    replaced by `uniforms`, consumed level by level: squares, then the two diamond sets."""
+    maparray = np.zeros((mapsize, mapsize))
+    stepsize, wibble, used = mapsize, 100.0, 0
+
+    def wibbledmean(array: np.ndarray) -> np.ndarray:
+        nonlocal used
+        u = uniforms[used : used + array.size].reshape(array.shape)
+        used += array.size
+        return array / 4 + wibble * (u * 2 * wibble - wibble)
+
+    while stepsize >= 2:
+        half = stepsize // 2
+        cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
+        squareaccum += np.roll(squareaccum, shift=-1, axis=1)
+        maparray[half:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(squareaccum)
+        drgrid = maparray[half:mapsize:stepsize, half:mapsize:stepsize]
+        ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
+        ltsum = drgrid + np.roll(drgrid, 1, axis=0) + ulgrid + np.roll(ulgrid, -1, axis=1)
+        maparray[0:mapsize:stepsize, half:mapsize:stepsize] = wibbledmean(ltsum)
+        ttsum = drgrid + np.roll(drgrid, 1, axis=1) + ulgrid + np.roll(ulgrid, -1, axis=0)
+        maparray[half:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+        stepsize //= 2
+        wibble /= decay
+    maparray -= maparray.min()
+    return maparray / maparray.max()
+
+
+def test_plasma_fractal_matches_the_original_diamond_square() -> None:
+    from vpt_robust.corruptions.weather import plasma_fractal
+
+    for mapsize, decay in ((2, 3.0), (16, 2.0), (64, 1.4)):
+        gen = torch.Generator().manual_seed(mapsize)
+        ours = plasma_fractal(2, mapsize, decay, gen, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(mapsize)
+        draws = torch.rand(2, mapsize * mapsize - 1, generator=gen).double().numpy()
+        for i in range(2):
+            ref = original_plasma_fractal(mapsize, decay, draws[i])
+            np.testing.assert_allclose(ours[i].numpy(), ref, atol=2e-4)
+
+
+def test_jpeg_threads_give_the_same_bytes_as_one_thread(batch32: torch.Tensor) -> None:
+    from vpt_robust.corruptions.digital import jpeg_roundtrip_cpu, to_uint8
+
+    pixels = to_uint8(batch32)
+    one = jpeg_roundtrip_cpu(pixels, 20, workers=1)
+    assert one.shape == pixels.shape and one.dtype == torch.uint8
+    assert torch.equal(one, jpeg_roundtrip_cpu(pixels, 20, workers=3))

@@ -20,7 +20,7 @@ def defocus_blur(
 ) -> torch.Tensor:
     """Correlation with an anti-aliased disk (radius, alias sigma), borders mirrored (OpenCV)."""
     radius, alias = params
-    return filter2d_mirror(x, disk_kernel(float(radius), float(alias))).clamp_(0.0, 1.0)
+    return filter2d_mirror(x, disk_kernel(float(radius), float(alias)), clamp=True)
 
 
 def glass_shuffle_map(
@@ -90,7 +90,7 @@ def motion_blur(x: torch.Tensor, params: tuple[int, float], gen: torch.Generator
     radius, sigma = params
     angles = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=torch.float64)
     angles = angles * 90.0 - 45.0
-    return _motion_blur(x, int(radius), float(sigma), angles).clamp_(0.0, 1.0)
+    return _motion_blur(x, int(radius), float(sigma), angles, clamp=True)
 
 
 def zoom_blur(x: torch.Tensor, zooms: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:

@@ -75,16 +75,31 @@ def filter_matrix(
     return torch.as_tensor(mat, dtype=dtype, device=device)
 
 
-def separable_filter(x: torch.Tensor, weights: np.ndarray, mode: str) -> torch.Tensor:
-    """Filter the last two dims of x with the same symmetric 1-D kernel along each."""
+def separable_filter(
+    x: torch.Tensor, weights: np.ndarray, mode: str, method: str = "auto"
+) -> torch.Tensor:
+    """Filter the last two dims of x with the same symmetric 1-D kernel along each.
+
+    method: "shifts" (a multiply-add per tap on shifted views; fastest on CPU), "matmul" (one
+    product with the boundary-folded filter matrix per axis; fastest on GPUs for all but the
+    shortest kernels) or "auto". Same result up to float rounding. "auto" avoids "matmul"
+    when float32 products may run in reduced precision (TF32).
+    """
+    if method not in ("auto", "shifts", "matmul"):
+        raise ValueError(f"method: {method!r} is not one of 'auto', 'shifts', 'matmul'")
     if len(weights) == 1:
         return x * float(weights[0])
     h, w = x.shape[-2:]
     radius = (len(weights) - 1) // 2
-    if radius >= min(h, w) // 2:
+    if method == "auto":
+        exact_fp32 = torch.get_float32_matmul_precision() == "highest"
+        method = "shifts"
+        if radius >= min(h, w) // 2 or (x.device.type != "cpu" and radius > 2 and exact_fp32):
+            method = "matmul"
+    if method == "matmul":
         mh = filter_matrix(h, weights, mode, x.device, x.dtype)
         mw = filter_matrix(w, weights, mode, x.device, x.dtype)
-        return mh @ x @ mw.T
+        return torch.matmul(mh, torch.matmul(x, mw.T))
     rows = boundary_index(torch.arange(-radius, h + radius, device=x.device), h, mode)
     cols = boundary_index(torch.arange(-radius, w + radius, device=x.device), w, mode)
     y = _correlate_valid(x.index_select(-2, rows), weights, dim=-2)
@@ -105,10 +120,14 @@ def _correlate_valid(x: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Te
 
 
 def gaussian_filter(
-    x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0
+    x: torch.Tensor,
+    sigma: float,
+    mode: str = "nearest",
+    truncate: float = 4.0,
+    method: str = "auto",
 ) -> torch.Tensor:
     """skimage.filters.gaussian per channel (scipy.ndimage.gaussian_filter on the two image axes)."""
-    return separable_filter(x, gaussian_kernel1d(sigma, truncate), mode)
+    return separable_filter(x, gaussian_kernel1d(sigma, truncate), mode, method)
 
 
 def _cv2_gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:
@@ -154,29 +173,40 @@ def _next_fast_len(n: int) -> int:
         n += 1
 
 
-def filter2d_mirror(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
+def filter2d_mirror(x: torch.Tensor, kernel: np.ndarray, clamp: bool = False) -> torch.Tensor:
     """cv2.filter2D (correlation, BORDER_REFLECT_101) of every channel with a square kernel.
 
     Small kernels run as a depthwise convolution; large ones through the FFT, which is what
-    OpenCV itself does for kernels of 11 x 11 and more.
+    OpenCV itself does for kernels of 11 x 11 and more. clamp: clip the result to [0, 1] in
+    the same pass that crops it.
     """
     b, c, h, w = x.shape
     k = kernel.shape[0]
     r = k // 2
     kt = torch.as_tensor(kernel, dtype=x.dtype, device=x.device)
-    rows = boundary_index(torch.arange(-r, h + r, device=x.device), h, "mirror")
-    cols = boundary_index(torch.arange(-r, w + r, device=x.device), w, "mirror")
-    xp = x.index_select(2, rows).index_select(3, cols)
-    if k <= 7:
-        return F.conv2d(xp.reshape(b * c, 1, h + 2 * r, w + 2 * r), kt[None, None]).view(b, c, h, w)
-    lh, lw = _next_fast_len(h + 2 * r), _next_fast_len(w + 2 * r)
+    small = k <= 7
+    lh, lw = (
+        (h + 2 * r, w + 2 * r) if small else (_next_fast_len(h + 2 * r), _next_fast_len(w + 2 * r))
+    )
+    if r < min(h, w) and max(lh - h - r, lw - w - r) < min(h, w):
+        # torch's "reflect" is BORDER_REFLECT_101. Padding straight to the FFT size spares
+        # the FFT its own zero-padding copy; kept outputs never read past h + 2r, w + 2r.
+        xp = F.pad(x, (r, lw - w - r, r, lh - h - r), mode="reflect")
+    else:
+        rows = boundary_index(torch.arange(-r, h + r, device=x.device), h, "mirror")
+        cols = boundary_index(torch.arange(-r, w + r, device=x.device), w, "mirror")
+        xp = x.index_select(2, rows).index_select(3, cols)
+    if small:
+        out = F.conv2d(xp.reshape(b * c, 1, h + 2 * r, w + 2 * r), kt[None, None])
+        out = out.view(b, c, h, w)
+        return out.clamp_(0.0, 1.0) if clamp else out
     # Correlation = convolution with the flipped kernel; place its centre at the origin.
     kf = torch.zeros(lh, lw, dtype=x.dtype, device=x.device)
     kf[:k, :k] = kt.flip(0, 1)
     kf = torch.roll(kf, shifts=(-r, -r), dims=(0, 1))
-    spec = torch.fft.rfft2(xp, s=(lh, lw)) * torch.fft.rfft2(kf)
-    out = torch.fft.irfft2(spec, s=(lh, lw))
-    return out[..., r : r + h, r : r + w].contiguous()
+    spec = torch.fft.rfft2(xp, s=(lh, lw)).mul_(torch.fft.rfft2(kf))
+    out = torch.fft.irfft2(spec, s=(lh, lw))[..., r : r + h, r : r + w]
+    return out.clamp(0.0, 1.0) if clamp else out.contiguous()
 
 
 def sample_bilinear(
@@ -279,12 +309,18 @@ def motion_offsets(
 
 
 def motion_blur(
-    x: torch.Tensor, radius: int, sigma: float, angles_deg: torch.Tensor, method: str = "auto"
+    x: torch.Tensor,
+    radius: int,
+    sigma: float,
+    angles_deg: torch.Tensor,
+    method: str = "auto",
+    clamp: bool = False,
 ) -> torch.Tensor:
     """Sum of edge-clamped shifted copies of each image, weighted by its motion-blur kernel.
 
     method: "shifts" (a multiply-add per tap and image; fastest on CPU), "fft" (one batched FFT
     convolution; fastest on GPUs) or "auto" (shifts on CPU, fft elsewhere). Same result.
+    clamp: clip the result to [0, 1] in the same pass that crops it.
     """
     if method == "auto":
         method = "shifts" if x.device.type == "cpu" else "fft"
@@ -293,9 +329,9 @@ def motion_blur(
     b, c, h, w = x.shape
     weights, dy, dx = motion_offsets(radius, sigma, angles_deg, h, w)
     pad = int(max(dy.abs().max().item(), dx.abs().max().item()))
-    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad > 0 else x
-    out = torch.zeros_like(x)
     if method == "shifts":
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad > 0 else x
+        out = torch.zeros_like(x)
         # Per-image strided views: no index tensors, each tap one in-cache multiply-add.
         wl, dyl, dxl = weights.tolist(), dy.tolist(), dx.tolist()
         for n in range(b):
@@ -305,16 +341,18 @@ def motion_blur(
                     continue
                 r0, c0 = pad - oy, pad - ox
                 on.add_(xn[:, r0 : r0 + h, c0 : c0 + w], alpha=wt)
-        return out
-    # Accelerators: the per-image line kernels as one batched FFT convolution (the taps
-    # never reach past the replicate padding, so the circular convolution is exact).
+        return out.clamp_(0.0, 1.0) if clamp else out
+    # Accelerators: the per-image line kernels as one batched FFT convolution. The image is
+    # edge-padded straight to the FFT size; the taps never reach past `pad`, so the circular
+    # convolution is exact on the kept region.
     lh, lw = _next_fast_len(h + 2 * pad), _next_fast_len(w + 2 * pad)
+    xp = F.pad(x, (pad, lw - w - pad, pad, lh - h - pad), mode="replicate")
     kernel = torch.zeros(b, lh * lw, dtype=x.dtype, device=x.device)
     flat_idx = torch.remainder(dy, lh) * lw + torch.remainder(dx, lw)
     kernel.scatter_add_(1, flat_idx, weights.to(x.dtype))
-    spec = torch.fft.rfft2(xp, s=(lh, lw)) * torch.fft.rfft2(kernel.view(b, 1, lh, lw))
-    full = torch.fft.irfft2(spec, s=(lh, lw))
-    return full[..., pad : pad + h, pad : pad + w].contiguous()
+    spec = torch.fft.rfft2(xp).mul_(torch.fft.rfft2(kernel.view(b, 1, lh, lw)))
+    full = torch.fft.irfft2(spec, s=(lh, lw))[..., pad : pad + h, pad : pad + w]
+    return full.clamp(0.0, 1.0) if clamp else full.contiguous()
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:

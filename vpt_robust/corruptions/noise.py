@@ -24,6 +24,6 @@ def impulse_noise(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch
     u gives the same law: u < amount / 2 -> 0, amount / 2 <= u < amount -> 1.
     """
     u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    hit = u < amount
-    # For u in [0, amount): floor(2u / amount) is 0 on the first half, 1 on the second.
-    return torch.where(hit, u.mul_(2.0 / amount).floor_(), x)
+    # floor(u / (amount / 2)) is 0 on [0, amount / 2), 1 on [amount / 2, amount), >= 2 above.
+    level = torch.floor_divide(u, amount / 2.0)
+    return torch.where(level < 2.0, level, x)

@@ -27,9 +27,9 @@ def snow(x: torch.Tensor, params: tuple[float, ...], gen: torch.Generator) -> to
     angles = torch.rand(b, generator=gen, device=x.device, dtype=torch.float64) * 90.0 - 135.0
     layer = motion_blur(layer.contiguous(), int(radius), float(sigma), angles)
     layer = torch.round(layer * 255.0) / 255.0
-    grey = rgb_to_gray(x) * 1.5 + 0.5
-    base = blend * x + (1.0 - blend) * torch.maximum(x, grey)
-    return (base + layer + layer.flip(-2, -1)).clamp_(0.0, 1.0)
+    grey = rgb_to_gray(x).mul_(1.5).add_(0.5)
+    out = torch.maximum(x, grey).mul_(1.0 - blend).add_(x, alpha=blend)
+    return out.add_(layer.add_(layer.flip(-2, -1))).clamp_(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------- frost
@@ -110,30 +110,30 @@ def plasma_fractal(
     """
     if mapsize & (mapsize - 1):
         raise ValueError(f"mapsize: {mapsize} is not a power of two")
-    a = torch.zeros(batch, mapsize, mapsize, dtype=torch.float32, device=device)
-    step = mapsize
-    wibble = 100.0
-
-    def wibbled_mean(total: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(total.shape, generator=gen, dtype=torch.float32, device=device)
-        return noise.mul_(2 * wibble * wibble).add_(total, alpha=0.25).sub_(wibble * wibble)
-
-    while step >= 2:
-        half = step // 2
-        corners = a[:, 0::step, 0::step]
+    # All levels' uniforms in one draw (levels with n x n corners take 3 n^2 of them, n = 1,
+    # 2, 4, ...: mapsize^2 - 1 in all), then each level works densely on its corner grid
+    # corners[i, j] = map[i * step, j * step] and interleaves the three new point sets with
+    # it (pixel_shuffle) instead of writing into strided views of the full map.
+    uniforms = torch.rand(batch, mapsize * mapsize - 1, generator=gen, device=device)
+    corners = torch.zeros(batch, 1, 1, dtype=torch.float32, device=device)
+    wibble, offset = 100.0, 0
+    while corners.shape[-1] < mapsize:
+        n = corners.shape[-1]
+        draws = uniforms[:, offset : offset + 3 * n * n].view(batch, 3, n, n)
+        offset += 3 * n * n
+        noise = draws.mul(2 * wibble * wibble).sub_(wibble * wibble)  # wibble * U(-w, w)
         squares = corners + corners.roll(-1, dims=1)
-        squares = squares + squares.roll(-1, dims=2)
-        a[:, half::step, half::step] = wibbled_mean(squares)
-        centres = a[:, half::step, half::step]
-        corners = a[:, 0::step, 0::step]
-        left = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
-        a[:, 0::step, half::step] = wibbled_mean(left)
-        top = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
-        a[:, half::step, 0::step] = wibbled_mean(top)
-        step //= 2
+        centres = torch.add(noise[:, 0], squares + squares.roll(-1, dims=2), alpha=0.25)
+        left = (centres + corners).add_(centres.roll(1, dims=1)).add_(corners.roll(-1, dims=2))
+        top = (centres + corners).add_(centres.roll(1, dims=2)).add_(corners.roll(-1, dims=1))
+        left = torch.add(noise[:, 1], left, alpha=0.25)
+        top = torch.add(noise[:, 2], top, alpha=0.25)
+        # Channel 2 * i + j goes to (2y + i, 2x + j): corners, left (even row, odd column),
+        # top (odd row, even column), centres.
+        corners = F.pixel_shuffle(torch.stack([corners, left, top, centres], dim=1), 2)[:, 0]
         wibble /= decay
-    a = a - a.amin(dim=(1, 2), keepdim=True)
-    return a / a.amax(dim=(1, 2), keepdim=True)
+    lo, hi = torch.aminmax(corners.view(batch, -1), dim=1)
+    return (corners - lo.view(-1, 1, 1)).div_((hi - lo).view(-1, 1, 1))
 
 
 def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
@@ -141,6 +141,7 @@ def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> t
     strength, decay = params
     b, _, h, w = x.shape
     mapsize = 1 << (max(h, w) - 1).bit_length()
-    haze = plasma_fractal(b, mapsize, float(decay), gen, x.device)[:, None, :h, :w].to(x.dtype)
+    haze = plasma_fractal(b, mapsize, float(decay), gen, x.device)[:, None, :h, :w]
+    haze = haze.to(x.dtype).contiguous()
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
-    return ((x + strength * haze) * (max_val / (max_val + strength))).clamp_(0.0, 1.0)
+    return torch.add(x, haze, alpha=strength).mul_(max_val / (max_val + strength)).clamp_(0.0, 1.0)
