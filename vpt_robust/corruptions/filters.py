@@ -271,12 +271,12 @@ def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
     oh, ow = int(round(ch * zoom)), int(round(cw * zoom))
     crop = x[..., top : top + ch, left : left + cw]
     lead = x.shape[:-2]
-    out = F.interpolate(
-        crop.reshape(-1, 1, ch, cw) if x.dim() != 4 else crop,
-        size=(oh, ow),
-        mode="bilinear",
-        align_corners=True,
-    )
+    planes = crop.reshape(-1, 1, ch, cw) if x.dim() != 4 else crop
+    if x.device.type != "cpu":
+        # CUDA's channels-first kernel loops over batch x channels inside each thread (slow
+        # for many small images); the channels-last one spreads every value over threads.
+        planes = crop.reshape(1, -1, ch, cw).contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(planes, size=(oh, ow), mode="bilinear", align_corners=True)
     out = out.reshape(*lead, oh, ow)
     th, tw = (oh - h) // 2, (ow - w) // 2
     return out[..., th : th + h, tw : tw + w]
