@@ -242,6 +242,22 @@ def test_motion_blur_shift_and_fft_paths_agree() -> None:
             a = motion_blur(x, radius, sigma, angles, method="shifts")
             b = motion_blur(x, radius, sigma, angles, method="fft")
             assert torch.allclose(a, b, atol=1e-5)
+            for method in ("shifts", "fft"):  # padding from the angle range, no device sync
+                c = motion_blur(x, radius, sigma, angles, method, angle_range=(lo, lo + 90))
+                assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_motion_extents_bound_the_offsets_of_any_angle_in_range() -> None:
+    from vpt_robust.corruptions.filters import motion_extents, motion_offsets
+
+    for lo, hi in ((-45.0, 45.0), (-135.0, -45.0), (10.0, 200.0)):
+        angles = torch.linspace(lo, hi, 2001, dtype=torch.float64)
+        for radius in (6, 15, 20):
+            _, dy, dx = motion_offsets(radius, 3.0, angles, 10_000, 10_000)
+            top, bottom, left, right = motion_extents(2 * radius + 1, (lo, hi))
+            assert int(dy.max()) <= top and int(-dy.min()) <= bottom
+            assert int(dx.max()) <= left and int(-dx.min()) <= right
+            assert max(top, bottom, left, right) <= 2 * radius + 1
 
 
 def test_grid_sampling_equals_tap_by_tap_boundary_handling() -> None:

@@ -90,7 +90,7 @@ def motion_blur(x: torch.Tensor, params: tuple[int, float], gen: torch.Generator
     radius, sigma = params
     angles = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=torch.float64)
     angles = angles * 90.0 - 45.0
-    return _motion_blur(x, int(radius), float(sigma), angles, clamp=True)
+    return _motion_blur(x, int(radius), float(sigma), angles, clamp=True, angle_range=(-45.0, 45.0))
 
 
 def zoom_blur(x: torch.Tensor, zooms: tuple[float, ...], gen: torch.Generator) -> torch.Tensor:

@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear
+from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear_xy
 
 
 def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Tensor:
@@ -25,7 +25,7 @@ def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Ten
 def contrast(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
     """Shrink each channel's deviation from its own spatial mean by `factor`."""
     means = x.mean(dim=(2, 3), keepdim=True)
-    return (x * factor).add_(means * (1.0 - factor)).clamp_(0.0, 1.0)
+    return torch.lerp(means, x, factor).clamp_(0.0, 1.0)
 
 
 def _affine_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -44,14 +44,15 @@ def warp_affine_mirror(img: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     full = torch.zeros(b, 3, 3, dtype=torch.float64, device=img.device)
     full[:, :2] = matrix
     full[:, 2, 2] = 1.0
-    inv = torch.linalg.inv(full)[:, :2].reshape(b, 2, 3, 1, 1)
+    inv = torch.linalg.inv(full)[:, :2].reshape(b, 2, 3, 1, 1) * 32.0
     yy = torch.arange(h, dtype=torch.float64, device=img.device).view(h, 1)
     xx = torch.arange(w, dtype=torch.float64, device=img.device).view(1, w)
-    # Elementwise rather than a (2 x 3) @ (3 x HW) product: same sums, far cheaper on GPUs.
-    src = inv[:, :, 0] * xx + inv[:, :, 1] * yy + inv[:, :, 2]  # (B, 2, H, W) source (x, y)
-    src = torch.round(src.mul_(32.0)).div_(32.0).to(img.dtype)
-    xs, ys = src[:, 0], src[:, 1]
-    return sample_bilinear(img, ys, xs, mode="mirror")
+    # Source (x, y) in 1/32 pixels as the sum of a per-column and a per-row term: one full-size
+    # float64 pass instead of a (2 x 3) @ (3 x HW) product. Multiples of 1/32 are exact in
+    # float32, so the rescaling after the cast loses nothing.
+    src = torch.add(inv[:, :, 0] * xx, inv[:, :, 1] * yy + inv[:, :, 2]).round_()
+    src = src.to(img.dtype).mul_(1.0 / 32.0)  # (B, 2, H, W)
+    return sample_bilinear_xy(img, src, mode="mirror")
 
 
 def elastic_transform(
@@ -84,11 +85,14 @@ def elastic_from_draws(
     ).expand(b, 3, 2)
     pts2 = pts1 + jitter.to(torch.float32) * spread
     warped = warp_affine_mirror(x, _affine_from_points(pts1.double(), pts2.double()))
-    disp = gaussian_filter(fields, sigma, mode="reflect", truncate=3.0) * alpha
-    yy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1)
-    xx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w)
-    out = sample_bilinear(warped, yy + disp[:, 1], xx + disp[:, 0], mode="reflect")
-    return out.clamp_(0.0, 1.0)
+    disp = gaussian_filter(fields, sigma, mode="reflect", truncate=3.0)
+    yy, xx = torch.meshgrid(
+        torch.arange(h, device=x.device, dtype=x.dtype),
+        torch.arange(w, device=x.device, dtype=x.dtype),
+        indexing="ij",
+    )
+    coords = torch.add(torch.stack([xx, yy])[None], disp, alpha=alpha)  # (B, 2, H, W): x, y
+    return sample_bilinear_xy(warped, coords, mode="reflect").clamp_(0.0, 1.0)
 
 
 @lru_cache(maxsize=64)

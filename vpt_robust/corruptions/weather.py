@@ -25,7 +25,9 @@ def snow(x: torch.Tensor, params: tuple[float, ...], gen: torch.Generator) -> to
     layer = clipped_zoom(layer.mul_(scale).add_(loc), float(zoom))
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp_(0.0, 1.0)
     angles = torch.rand(b, generator=gen, device=x.device, dtype=torch.float64) * 90.0 - 135.0
-    layer = motion_blur(layer.contiguous(), int(radius), float(sigma), angles)
+    layer = motion_blur(
+        layer.contiguous(), int(radius), float(sigma), angles, angle_range=(-135.0, -45.0)
+    )
     layer = torch.round(layer * 255.0) / 255.0
     grey = rgb_to_gray(x).mul_(1.5).add_(0.5)
     out = torch.maximum(x, grey).mul_(1.0 - blend).add_(x, alpha=blend)
@@ -89,12 +91,19 @@ def frost(
     u = torch.rand((2, b), generator=gen, device=x.device, dtype=torch.float64)
     y0 = torch.minimum((u[0] * span_h).long(), span_h - 1)
     x0 = torch.minimum((u[1] * span_w).long(), span_w - 1)
+    if x.device.type == "cpu":
+        # A strided view of each crop, blended in one pass per image: no index tensors.
+        out = torch.empty_like(x)
+        for n, (t, r, c) in enumerate(zip(idx.tolist(), y0.tolist(), x0.tolist(), strict=True)):
+            crop = stack[t, :, r : r + h, c : c + w]
+            torch.add(crop.mul(c_frost / 255.0), x[n], alpha=c_img, out=out[n])
+        return out.clamp_(0.0, 1.0)
     rows = y0[:, None] + torch.arange(h, device=x.device)[None]
     cols = x0[:, None] + torch.arange(w, device=x.device)[None]
     chan = torch.arange(3, device=x.device)
     crop = stack[idx[:, None, None, None], chan[None, :, None, None], rows[:, None, :, None],
                  cols[:, None, None, :]]  # fmt: skip
-    return (x * c_img + crop.to(x.dtype) * (c_frost / 255.0)).clamp_(0.0, 1.0)
+    return torch.add(crop.mul_(c_frost / 255.0), x, alpha=c_img).clamp_(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- fog
