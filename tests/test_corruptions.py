@@ -338,3 +338,19 @@ def test_jpeg_threads_give_the_same_bytes_as_one_thread(batch32: torch.Tensor) -
     one = jpeg_roundtrip_cpu(pixels, 20, workers=1)
     assert one.shape == pixels.shape and one.dtype == torch.uint8
     assert torch.equal(one, jpeg_roundtrip_cpu(pixels, 20, workers=3))
+
+
+def test_frost_crop_views_and_gather_agree(batch32: torch.Tensor) -> None:
+    from vpt_robust.corruptions.weather import blend_crops
+
+    gen = torch.Generator().manual_seed(0)
+    stack = torch.rand(3, 3, 50, 60, generator=gen) * 255
+    idx = torch.tensor([0, 2, 1, 2])
+    y0, x0 = torch.tensor([0, 18, 5, 11]), torch.tensor([28, 0, 3, 17])
+    views = blend_crops(batch32, stack, idx, y0, x0, 0.7, 0.7 / 255, method="views")
+    gather = blend_crops(batch32, stack, idx, y0, x0, 0.7, 0.7 / 255, method="gather")
+    assert torch.allclose(views, gather, atol=1e-6)
+    crop = stack[2, :, 18:50, 0:32]
+    assert torch.allclose(views[1], (0.7 * batch32[1] + crop * 0.7 / 255).clamp(0, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="method: 'loop'"):
+        blend_crops(batch32, stack, idx, y0, x0, 0.7, 0.1, method="loop")

@@ -182,21 +182,18 @@ def jpeg_compression(x: torch.Tensor, quality: int, gen: torch.Generator) -> tor
     """Encode every image as a JPEG at `quality` and decode it (libjpeg on CPU, nvJPEG on CUDA).
 
     Same codec and settings as PIL's save(quality=q) / open (4:2:0, baseline): the bytes match
-    the reference's. On CPU the codec runs per image in torch.get_num_threads() threads.
+    the reference's. Off CUDA the codec runs per image in torch.get_num_threads() threads.
     """
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     pixels = to_uint8(x)
-    if x.device.type == "cpu":
-        out = jpeg_roundtrip_cpu(pixels, int(quality), max(1, torch.get_num_threads()))
-        return out.to(x.dtype).div_(255.0)
+    if x.device.type != "cuda":
+        out = jpeg_roundtrip_cpu(pixels.cpu(), int(quality), max(1, torch.get_num_threads()))
+        return out.to(x.device).to(x.dtype).div_(255.0)
     encoded = encode_jpeg(list(pixels.unbind(0)), quality=int(quality))
-    if x.device.type == "cuda":
-        # nvJPEG encodes on the GPU but decodes from host memory: one copy for the whole
-        # batch instead of a synchronising copy per image.
-        sizes = [int(e.numel()) for e in encoded]
-        encoded = list(torch.cat(encoded).cpu().split(sizes))
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=x.device)
-    else:
-        decoded = [d.to(x.device) for d in decode_jpeg([e.cpu() for e in encoded])]
+    # nvJPEG encodes on the GPU but decodes from host memory: one copy for the whole batch
+    # instead of a synchronising copy per image.
+    sizes = [int(e.numel()) for e in encoded]
+    encoded = list(torch.cat(encoded).cpu().split(sizes))
+    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=x.device)
     return torch.stack(decoded).to(x.dtype).div_(255.0)

@@ -91,19 +91,41 @@ def frost(
     u = torch.rand((2, b), generator=gen, device=x.device, dtype=torch.float64)
     y0 = torch.minimum((u[0] * span_h).long(), span_h - 1)
     x0 = torch.minimum((u[1] * span_w).long(), span_w - 1)
-    if x.device.type == "cpu":
-        # A strided view of each crop, blended in one pass per image: no index tensors.
+    return blend_crops(x, stack, idx, y0, x0, c_img, c_frost / 255.0)
+
+
+def blend_crops(
+    x: torch.Tensor,
+    stack: torch.Tensor,
+    idx: torch.Tensor,
+    y0: torch.Tensor,
+    x0: torch.Tensor,
+    c_img: float,
+    c_crop: float,
+    method: str = "auto",
+) -> torch.Tensor:
+    """clip(c_img * x + c_crop * crop) with crop n = stack[idx[n], :, y0[n]:, x0[n]:] (H x W).
+
+    method: "views" (a strided view per image, blended in one pass; fastest on CPU), "gather"
+    (one indexed gather for the batch; no host round trip, for accelerators) or "auto".
+    """
+    if method == "auto":
+        method = "views" if x.device.type == "cpu" else "gather"
+    b, _, h, w = x.shape
+    if method == "views":
         out = torch.empty_like(x)
         for n, (t, r, c) in enumerate(zip(idx.tolist(), y0.tolist(), x0.tolist(), strict=True)):
             crop = stack[t, :, r : r + h, c : c + w]
-            torch.add(crop.mul(c_frost / 255.0), x[n], alpha=c_img, out=out[n])
+            torch.add(crop.mul(c_crop), x[n], alpha=c_img, out=out[n])
         return out.clamp_(0.0, 1.0)
+    if method != "gather":
+        raise ValueError(f"method: {method!r} is not one of 'auto', 'views', 'gather'")
     rows = y0[:, None] + torch.arange(h, device=x.device)[None]
     cols = x0[:, None] + torch.arange(w, device=x.device)[None]
     chan = torch.arange(3, device=x.device)
     crop = stack[idx[:, None, None, None], chan[None, :, None, None], rows[:, None, :, None],
                  cols[:, None, None, :]]  # fmt: skip
-    return torch.add(crop.mul_(c_frost / 255.0), x, alpha=c_img).clamp_(0.0, 1.0)
+    return torch.add(crop.mul_(c_crop), x, alpha=c_img).clamp_(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- fog
