@@ -354,3 +354,55 @@ def test_frost_crop_views_and_gather_agree(batch32: torch.Tensor) -> None:
     assert torch.allclose(views[1], (0.7 * batch32[1] + crop * 0.7 / 255).clamp(0, 1), atol=1e-6)
     with pytest.raises(ValueError, match="method: 'loop'"):
         blend_crops(batch32, stack, idx, y0, x0, 0.7, 0.1, method="loop")
+
+
+FUSED_CHECK = """
+import torch
+from vpt_robust.corruptions import fused
+from vpt_robust.corruptions.weather import normalize_maps, plasma_from_uniforms, plasma_uniforms
+
+gen = torch.Generator().manual_seed(0)
+for mapsize, decay in ((2, 3.0), (16, 2.0), (64, 1.4)):
+    u = plasma_uniforms(3, mapsize, gen, torch.device("cpu"))
+    ours, ref = fused.plasma_map(u, mapsize, decay), plasma_from_uniforms(u, mapsize, decay)
+    assert ours.shape == ref.shape == (3, mapsize, mapsize)
+    assert float((ours - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), mapsize
+x = torch.rand(3, 3, 40, 50, generator=gen)
+maps = plasma_from_uniforms(plasma_uniforms(3, 64, gen, torch.device("cpu")), 64, 1.7)
+haze = normalize_maps(maps)[:, None, :40, :50]
+top = x.amax(dim=(1, 2, 3), keepdim=True)
+ref = torch.add(x, haze, alpha=1.5).mul_(top / (top + 1.5)).clamp_(0, 1)
+assert float((fused.fog_blend(x, maps, 1.5) - ref).abs().max()) < 1e-6
+print("fused kernels match")
+"""
+
+
+def test_fused_fog_kernels_match_the_eager_code() -> None:
+    """The Triton kernels that fog uses on CUDA, run in Triton's interpreter on CPU tensors."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fused kernels match" in done.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fog_fused_kernels_match_the_eager_code() -> None:
+    from vpt_robust.corruptions import fused
+    from vpt_robust.corruptions.weather import plasma_from_uniforms, plasma_uniforms
+
+    assert fused.available(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    u = plasma_uniforms(8, 256, gen, torch.device("cuda"))
+    ours, ref = fused.plasma_map(u, 256, 1.7), plasma_from_uniforms(u, 256, 1.7)
+    assert float((ours - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    x = natural_images(224).cuda()
+    out = corrupt(x, "fog", 3, seed=1)
+    assert torch.equal(out, corrupt(x, "fog", 3, seed=1))
+    assert float(out.min()) >= 0 and float(out.max()) <= 1

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vpt_robust.corruptions import fused
 from vpt_robust.corruptions.filters import clipped_zoom, motion_blur, rgb_to_gray
 from vpt_robust.corruptions.frost_textures import N_TEXTURES, frost_texture
 
@@ -139,14 +140,30 @@ def plasma_fractal(
     Every new point is the mean of its 4 neighbours plus wibble * U(-wibble, wibble); wibble
     starts at 100 and is divided by `decay` after each level.
     """
-    if mapsize & (mapsize - 1):
+    return normalize_maps(
+        plasma_from_uniforms(plasma_uniforms(batch, mapsize, gen, device), mapsize, decay)
+    )
+
+
+def plasma_uniforms(
+    batch: int, mapsize: int, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """All levels' uniforms in one draw: a level with n x n corners takes 3 n^2 of them (n = 1,
+    2, 4, ...), mapsize^2 - 1 in all."""
+    if mapsize < 1 or mapsize & (mapsize - 1):
         raise ValueError(f"mapsize: {mapsize} is not a power of two")
-    # All levels' uniforms in one draw (levels with n x n corners take 3 n^2 of them, n = 1,
-    # 2, 4, ...: mapsize^2 - 1 in all), then each level works densely on its corner grid
-    # corners[i, j] = map[i * step, j * step] and interleaves the three new point sets with
-    # it (pixel_shuffle) instead of writing into strided views of the full map.
-    uniforms = torch.rand(batch, mapsize * mapsize - 1, generator=gen, device=device)
-    corners = torch.zeros(batch, 1, 1, dtype=torch.float32, device=device)
+    return torch.rand(batch, mapsize * mapsize - 1, generator=gen, device=device)
+
+
+def plasma_from_uniforms(uniforms: torch.Tensor, mapsize: int, decay: float) -> torch.Tensor:
+    """The unnormalised diamond-square map (B, mapsize, mapsize) from `plasma_uniforms`.
+
+    Each level works densely on its corner grid corners[i, j] = map[i * step, j * step] and
+    interleaves the three new point sets with it (pixel_shuffle) instead of writing into
+    strided views of the full map.
+    """
+    batch = uniforms.shape[0]
+    corners = torch.zeros(batch, 1, 1, dtype=torch.float32, device=uniforms.device)
     wibble, offset = 100.0, 0
     while corners.shape[-1] < mapsize:
         n = corners.shape[-1]
@@ -163,16 +180,28 @@ def plasma_fractal(
         # top (odd row, even column), centres.
         corners = F.pixel_shuffle(torch.stack([corners, left, top, centres], dim=1), 2)[:, 0]
         wibble /= decay
-    lo, hi = torch.aminmax(corners.view(batch, -1), dim=1)
-    return (corners - lo.view(-1, 1, 1)).div_((hi - lo).view(-1, 1, 1))
+    return corners
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Each (H, W) map shifted and scaled to [0, 1]."""
+    lo, hi = torch.aminmax(maps.view(maps.shape[0], -1), dim=1)
+    return (maps - lo.view(-1, 1, 1)).div_((hi - lo).view(-1, 1, 1))
 
 
 def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
-    """Add a plasma-fractal haze, then rescale by max / (max + strength) (per image)."""
+    """Add a plasma-fractal haze, then rescale by max / (max + strength) (per image).
+
+    On CUDA with Triton the fractal levels and the blend run as fused kernels (`fused.py`);
+    same uniforms, same result up to float rounding.
+    """
     strength, decay = params
     b, _, h, w = x.shape
     mapsize = 1 << (max(h, w) - 1).bit_length()
-    haze = plasma_fractal(b, mapsize, float(decay), gen, x.device)[:, None, :h, :w]
-    haze = haze.to(x.dtype).contiguous()
+    uniforms = plasma_uniforms(b, mapsize, gen, x.device)
+    if fused.available(x.device) and x.dtype == torch.float32:
+        return fused.fog_blend(x, fused.plasma_map(uniforms, mapsize, float(decay)), strength)
+    haze = normalize_maps(plasma_from_uniforms(uniforms, mapsize, float(decay)))
+    haze = haze[:, None, :h, :w].to(x.dtype).contiguous()
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
     return torch.add(x, haze, alpha=strength).mul_(max_val / (max_val + strength)).clamp_(0.0, 1.0)
