@@ -332,12 +332,13 @@ def test_plasma_fractal_matches_the_original_diamond_square() -> None:
 
 
 def test_jpeg_threads_give_the_same_bytes_as_one_thread(batch32: torch.Tensor) -> None:
-    from vpt_robust.corruptions.digital import jpeg_roundtrip_cpu, to_uint8
+    from vpt_robust.corruptions.digital import jpeg_roundtrip_cpu
 
-    pixels = to_uint8(batch32)
-    one = jpeg_roundtrip_cpu(pixels, 20, workers=1)
-    assert one.shape == pixels.shape and one.dtype == torch.uint8
-    assert torch.equal(one, jpeg_roundtrip_cpu(pixels, 20, workers=3))
+    one = jpeg_roundtrip_cpu(batch32, 20, workers=1)
+    assert one.shape == batch32.shape and one.dtype == torch.float32
+    assert torch.equal(one * 255, (one * 255).round())  # decoded 8-bit values
+    assert torch.equal(one, jpeg_roundtrip_cpu(batch32, 20, workers=3))
+    assert torch.equal(one, jpeg_roundtrip_cpu(batch32, 20, workers=8))
 
 
 def test_frost_crop_views_and_gather_agree(batch32: torch.Tensor) -> None:

@@ -154,28 +154,35 @@ def pixelate(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tens
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats to 8-bit values, rounding to nearest (the inverse of / 255)."""
-    return torch.round(x * 255.0).clamp_(0, 255).to(torch.uint8)
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _jpeg_roundtrip(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+def jpeg_roundtrip_cpu(x: torch.Tensor, quality: int, workers: int) -> torch.Tensor:
+    """JPEG-encode and decode (B, 3, H, W) [0, 1] float CPU images with libjpeg, in `workers`
+    threads over chunks of the batch (libjpeg and the tensor ops release the GIL).
 
-    return decode_jpeg(encode_jpeg(images, quality=quality), mode=ImageReadMode.RGB)
-
-
-def jpeg_roundtrip_cpu(images: torch.Tensor, quality: int, workers: int) -> torch.Tensor:
-    """Encode and decode (B, 3, H, W) uint8 CPU images, `workers` threads over chunks.
-
-    libjpeg runs per image and releases the GIL, so chunks in threads scale with cores.
+    Each image goes float -> uint8 -> JPEG -> uint8 -> float inside its thread, so the
+    conversions, which cost as much as the codec at 224 px, run in parallel too.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = [list(c.unbind(0)) for c in images.chunk(max(1, min(workers, len(images))))]
-    if len(chunks) == 1:
-        return torch.stack(_jpeg_roundtrip(chunks[0], quality))
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        parts = pool.map(lambda c: _jpeg_roundtrip(c, quality), chunks)
-        return torch.stack([img for part in parts for img in part])
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    out = torch.empty_like(x)
+
+    def run(start: int, stop: int) -> None:
+        encoded = encode_jpeg(list(to_uint8(x[start:stop]).unbind(0)), quality=quality)
+        decoded = torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB))
+        torch.div(decoded, 255.0, out=out[start:stop])
+
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in torch.arange(len(x)).chunk(max(1, workers))]
+    if len(bounds) <= 1:
+        run(0, len(x))
+        return out
+    with ThreadPoolExecutor(len(bounds)) as pool:
+        for done in [pool.submit(run, a, b) for a, b in bounds]:
+            done.result()
+    return out
 
 
 def jpeg_compression(x: torch.Tensor, quality: int, gen: torch.Generator) -> torch.Tensor:
@@ -186,11 +193,10 @@ def jpeg_compression(x: torch.Tensor, quality: int, gen: torch.Generator) -> tor
     """
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-    pixels = to_uint8(x)
     if x.device.type != "cuda":
-        out = jpeg_roundtrip_cpu(pixels.cpu(), int(quality), max(1, torch.get_num_threads()))
-        return out.to(x.device).to(x.dtype).div_(255.0)
-    encoded = encode_jpeg(list(pixels.unbind(0)), quality=int(quality))
+        workers = max(1, torch.get_num_threads())
+        return jpeg_roundtrip_cpu(x.cpu(), int(quality), workers).to(x.device)
+    encoded = encode_jpeg(list(to_uint8(x).unbind(0)), quality=int(quality))
     # nvJPEG encodes on the GPU but decodes from host memory: one copy for the whole batch
     # instead of a synchronising copy per image.
     sizes = [int(e.numel()) for e in encoded]

@@ -16,8 +16,11 @@ BLOCK = 1024
 
 
 def available(device: torch.device) -> bool:
-    """True where the fused kernels run natively: a CUDA device with Triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """True where the fused kernels run natively: Triton installed and a CUDA device of compute
+    capability 8.0 or newer (what current Triton releases support)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _kernels():  # imported lazily: Triton is optional and only used on GPUs
