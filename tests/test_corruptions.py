@@ -411,3 +411,13 @@ def test_cuda_fog_fused_kernels_match_the_eager_code() -> None:
     out = corrupt(x, "fog", 3, seed=1)
     assert torch.equal(out, corrupt(x, "fog", 3, seed=1))
     assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_fused_kernels_can_be_disabled_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vpt_robust.corruptions import fused
+
+    monkeypatch.setattr(fused, "_FAILED", None)
+    with pytest.warns(RuntimeWarning, match="fused corruption kernels disabled.*no compiler"):
+        fused.disable(RuntimeError("no compiler"))
+    assert not fused.available(torch.device("cuda"))
+    assert not fused.available(torch.device("cpu"))

@@ -9,18 +9,33 @@ float rounding), which the tests check by running these kernels in Triton's inte
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
 BLOCK = 1024
 
 
+_FAILED: str | None = None
+
+
 def available(device: torch.device) -> bool:
-    """True where the fused kernels run natively: Triton installed and a CUDA device of compute
-    capability 8.0 or newer (what current Triton releases support)."""
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    """True where the fused kernels run natively: Triton installed, a CUDA device of compute
+    capability 8.0 or newer (what current Triton releases support), and no earlier failure."""
+    if _FAILED or device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def disable(error: BaseException) -> None:
+    """Stop using the fused kernels in this process (e.g. Triton cannot build them here)."""
+    global _FAILED
+    _FAILED = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"fused corruption kernels disabled, using the eager code instead ({_FAILED})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _kernels():  # imported lazily: Triton is optional and only used on GPUs

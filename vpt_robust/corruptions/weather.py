@@ -200,7 +200,10 @@ def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> t
     mapsize = 1 << (max(h, w) - 1).bit_length()
     uniforms = plasma_uniforms(b, mapsize, gen, x.device)
     if fused.available(x.device) and x.dtype == torch.float32:
-        return fused.fog_blend(x, fused.plasma_map(uniforms, mapsize, float(decay)), strength)
+        try:
+            return fused.fog_blend(x, fused.plasma_map(uniforms, mapsize, float(decay)), strength)
+        except Exception as error:  # Triton present but unable to build or launch here
+            fused.disable(error)
     haze = normalize_maps(plasma_from_uniforms(uniforms, mapsize, float(decay)))
     haze = haze[:, None, :h, :w].to(x.dtype).contiguous()
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
