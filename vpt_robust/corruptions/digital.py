@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear_xy
+from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear
 
 
 def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Tensor:
@@ -52,7 +52,7 @@ def warp_affine_mirror(img: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     # float32, so the rescaling after the cast loses nothing.
     src = torch.add(inv[:, :, 0] * xx, inv[:, :, 1] * yy + inv[:, :, 2]).round_()
     src = src.to(img.dtype).mul_(1.0 / 32.0)  # (B, 2, H, W)
-    return sample_bilinear_xy(img, src, mode="mirror")
+    return sample_bilinear(img, src, mode="mirror")
 
 
 def elastic_transform(
@@ -92,7 +92,7 @@ def elastic_from_draws(
         indexing="ij",
     )
     coords = torch.add(torch.stack([xx, yy])[None], disp, alpha=alpha)  # (B, 2, H, W): x, y
-    return sample_bilinear_xy(warped, coords, mode="reflect").clamp_(0.0, 1.0)
+    return sample_bilinear(warped, coords, mode="reflect").clamp_(0.0, 1.0)
 
 
 @lru_cache(maxsize=64)

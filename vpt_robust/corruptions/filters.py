@@ -209,25 +209,16 @@ def filter2d_mirror(x: torch.Tensor, kernel: np.ndarray, clamp: bool = False) ->
     return out.clamp(0.0, 1.0) if clamp else out.contiguous()
 
 
-def sample_bilinear(
-    img: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """Bilinear samples of img (B, C, H, W) at per-image positions ys, xs (B, Ho, Wo).
+def sample_bilinear(img: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
+    """Bilinear samples of img (B, C, H, W) at per-image positions coords (B, 2, Ho, Wo), the
+    (x, y) of each output pixel in input pixels.
 
     Matches scipy's map_coordinates (order=1) / OpenCV's remap, which map every out-of-range
     tap through the boundary mode: the linear interpolant of a mirrored ("mirror", about the
     edge pixels) or half-sample symmetric ("reflect", about the edges) sequence is itself
     mirrored about the same points, so reflecting the coordinate instead, as grid_sample does,
-    gives the same values ("nearest" = clamping the coordinate).
-    """
-    return sample_bilinear_xy(img, torch.stack([xs, ys], dim=1), mode)
-
-
-def sample_bilinear_xy(img: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
-    """`sample_bilinear` with positions as one (B, 2, Ho, Wo) tensor of (x, y) in pixels.
-
-    The normalised sampling grid is one fused pass over coords, handed to grid_sample as a
-    channels-last view (no interleaving copy on accelerators).
+    gives the same values ("nearest" = clamping the coordinate). The normalised grid is one
+    fused pass over coords, handed to grid_sample as a channels-last view.
     """
     h, w = img.shape[-2:]
     if mode in ("mirror", "nearest"):
@@ -250,7 +241,8 @@ def sample_bilinear_xy(img: torch.Tensor, coords: torch.Tensor, mode: str) -> to
 def sample_bilinear_taps(
     img: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, mode: str
 ) -> torch.Tensor:
-    """Reference for `sample_bilinear`: the four taps gathered and mapped one by one."""
+    """Reference for `sample_bilinear` at positions ys, xs (B, Ho, Wo): the four taps gathered
+    and mapped one by one."""
     b, c, h, w = img.shape
     y0f, x0f = torch.floor(ys), torch.floor(xs)
     wy, wx = (ys - y0f).unsqueeze(1), (xs - x0f).unsqueeze(1)
