@@ -147,6 +147,28 @@ def test_bad_arguments(source) -> None:
         CorruptionStream(object())  # type: ignore[arg-type]
 
 
+def test_generated_source_checks_its_images_once(source, monkeypatch) -> None:
+    labels = torch.arange(N) % 3
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 1\], got min 0.0, max 2.0"):
+        GeneratedSource(torch.linspace(0, 2, N * 3 * 32 * 32).view(N, 3, 32, 32), labels)
+    with pytest.raises(TypeError, match="floating dtype"):
+        GeneratedSource(torch.zeros(N, 3, 32, 32, dtype=torch.uint8), labels)
+    # Batches are not range-checked again, and the result is what corrupt() gives with checks.
+    import vpt_robust.corruptions.registry as registry
+
+    calls: list[bool] = []
+    real = registry.check_images
+    monkeypatch.setattr(
+        registry,
+        "check_images",
+        lambda x, values=True: (calls.append(values), real(x, values=values)),
+    )
+    idx = torch.arange(4)
+    x, _ = source.fetch("contrast", 3, idx, seed=5)
+    assert calls == [False]
+    assert torch.equal(x, corrupt(source.images[:4], "contrast", 3, seed=5))
+
+
 def test_stream_over_real_cifar_c_files(tmp_path: Path) -> None:
     per = 6
     rng = np.random.default_rng(0)

@@ -48,8 +48,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def check_images(images: Any) -> None:
-    """Raise a clear error unless images is a (B, 3, H, W) floating tensor in [0, 1]."""
+def check_images(images: Any, *, values: bool = True) -> None:
+    """Raise a clear error unless images is a (B, 3, H, W) floating tensor in [0, 1].
+
+    values=False skips the range check (a pass over the batch and, on GPUs, a host sync).
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -61,7 +64,7 @@ def check_images(images: Any) -> None:
     b, _, h, w = images.shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"images: height and width must be at least {MIN_SIDE}, got {h}x{w}")
-    if b == 0:
+    if b == 0 or not values:
         return
     lo, hi = torch.aminmax(images)
     if not (float(lo) >= 0.0 and float(hi) <= 1.0):
@@ -85,6 +88,7 @@ def corrupt(
     *,
     seed: int | None = None,
     table: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Apply one of the 15 common corruptions at severity 1..5 to a batch.
 
@@ -92,10 +96,11 @@ def corrupt(
     dtype and device, values in [0, 1]. Computation runs in float32 on the images' device.
     seed: same seed, same input, same device -> same output (CPU and CUDA draw different random
     numbers). table: "auto" (CIFAR-10-C parameters for images up to 64 px, ImageNet-C above),
-    "cifar" or "imagenet".
+    "cifar" or "imagenet". check_values=False skips the [0, 1] check, for callers that
+    validated the images once already (streams over a fixed base set do).
     """
     check_name_severity(name, severity)
-    check_images(images)
+    check_images(images, values=check_values)
     b, _, h, w = images.shape
     table_name = select_table(h, w, table)
     params = params_for(name, severity, table_name)

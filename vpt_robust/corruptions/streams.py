@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from vpt_robust.corruptions.registry import check_name_severity, corrupt
+from vpt_robust.corruptions.registry import check_images, check_name_severity, corrupt
 from vpt_robust.corruptions.tables import CORRUPTIONS
 
 PROTOCOLS = ("continual", "gradual", "mixed", "reset_each_shift", "random_orders")
@@ -62,7 +62,8 @@ class GeneratedSource:
     """Corruptions generated on the fly from a clean base set given as tensors.
 
     images: (N, 3, H, W) float in [0, 1]; labels: (N,). Batches are corrupted on `device`
-    with `corrupt(..., seed=<per batch seed from the stream>, table=table)`.
+    with `corrupt(..., seed=<per batch seed from the stream>, table=table)`. The images are
+    checked once here, not again per batch.
     """
 
     images: torch.Tensor
@@ -73,6 +74,7 @@ class GeneratedSource:
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.dim() != 4:
             raise ValueError("images: expected a (N, 3, H, W) tensor")
+        check_images(self.images)
         if (
             not isinstance(self.labels, torch.Tensor)
             or self.labels.shape[:1] != self.images.shape[:1]
@@ -91,7 +93,8 @@ class GeneratedSource:
         idx = indices.to(self.images.device)
         x = self.images.index_select(0, idx).to(self.device)
         y = self.labels.index_select(0, idx.to(self.labels.device)).to(self.device)
-        return corrupt(x, corruption, severity, seed=seed, table=self.table), y
+        out = corrupt(x, corruption, severity, seed=seed, table=self.table, check_values=False)
+        return out, y
 
     def describe(self) -> dict[str, Any]:
         return {
