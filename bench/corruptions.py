@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from vpt_robust.corruptions import CORRUPTIONS, corrupt
+from vpt_robust.data.images import sample_photos
 
 
 def load_reference() -> Callable[..., np.ndarray]:
@@ -66,28 +67,6 @@ def load_reference() -> Callable[..., np.ndarray]:
 
     icc.gaussian = gaussian_compat
     return ic_corrupt
-
-
-def photos(size: int, n: int) -> np.ndarray:
-    """n uint8 (size, size, 3) images cycling over eight scikit-image photos."""
-    import skimage.data
-    from PIL import Image
-
-    sources = (
-        skimage.data.astronaut,
-        skimage.data.chelsea,
-        skimage.data.coffee,
-        skimage.data.rocket,
-        skimage.data.immunohistochemistry,
-        skimage.data.colorwheel,
-        skimage.data.retina,
-        skimage.data.hubble_deep_field,
-    )
-    base = [
-        np.asarray(Image.fromarray(f()).convert("RGB").resize((size, size), Image.BICUBIC))
-        for f in sources
-    ]
-    return np.stack([base[i % len(base)] for i in range(n)])
 
 
 def sync(device: torch.device) -> None:
@@ -180,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = dict(zip(args.sizes, args.batch * len(args.sizes), strict=False))
     rows = []
     for size in args.sizes:
-        imgs = photos(size, batches[size])
+        imgs = sample_photos(size, batches[size])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255.0).to(device)
         x = x.contiguous()
         torch.set_num_threads(args.threads)

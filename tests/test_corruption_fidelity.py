@@ -33,6 +33,7 @@ import torch
 from vpt_robust.corruptions import CORRUPTIONS, PARAMS, corrupt
 from vpt_robust.corruptions.digital import elastic_from_draws
 from vpt_robust.corruptions.filters import motion_blur
+from vpt_robust.data.images import sample_photos
 
 SIZE = 96
 
@@ -72,13 +73,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
-    import skimage.data
-    from PIL import Image
-
-    fs = (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket)
-    return np.stack(
-        [np.asarray(Image.fromarray(f()).resize((SIZE, SIZE), Image.BICUBIC)) for f in fs]
-    )
+    return sample_photos(SIZE, 4)
 
 
 def run_ref(ref, imgs: np.ndarray, name: str, severity: int, repeats: int) -> np.ndarray:

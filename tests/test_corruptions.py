@@ -9,6 +9,7 @@ import torch
 from vpt_robust.corruptions import CORRUPTIONS, PARAMS, corrupt, select_table
 from vpt_robust.corruptions.blur import glass_source_map
 from vpt_robust.corruptions.frost_textures import _TEXTURES, N_TEXTURES, frost_texture
+from vpt_robust.data.images import sample_photos
 
 DETERMINISTIC = {
     "defocus_blur",
@@ -22,22 +23,7 @@ DETERMINISTIC = {
 
 def natural_images(size: int) -> torch.Tensor:
     """Six real photos from scikit-image, resized to size x size, as a float batch."""
-    import skimage.data
-    from PIL import Image
-
-    photos = (
-        skimage.data.astronaut,
-        skimage.data.chelsea,
-        skimage.data.coffee,
-        skimage.data.rocket,
-        skimage.data.immunohistochemistry,
-        skimage.data.colorwheel,
-    )
-    arrs = [
-        np.asarray(Image.fromarray(f()).convert("RGB").resize((size, size), Image.BICUBIC))
-        for f in photos
-    ]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.from_numpy(sample_photos(size, 6)).permute(0, 3, 1, 2).float() / 255.0
 
 
 @pytest.fixture(scope="module")

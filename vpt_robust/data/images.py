@@ -62,3 +62,32 @@ def read_images(paths: list[Path], size: int | None = None) -> torch.Tensor:
     if len(shapes) > 1:
         raise ValueError(f"images differ in size {sorted(shapes)}; pass size= to resize them")
     return torch.stack(images)
+
+
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "colorwheel",
+    "retina",
+    "hubble_deep_field",
+)
+
+
+def sample_photos(size: int, n: int) -> np.ndarray:
+    """n uint8 (size, size, 3) RGB photos that ship with scikit-image, resized (bicubic) and
+    cycling over SAMPLE_PHOTOS: real images for tests and benchmarks, offline."""
+    import skimage.data
+    from PIL import Image
+
+    base = [
+        np.asarray(
+            Image.fromarray(getattr(skimage.data, name)())
+            .convert("RGB")
+            .resize((size, size), Image.BICUBIC)
+        )
+        for name in SAMPLE_PHOTOS[: min(n, len(SAMPLE_PHOTOS))]
+    ]
+    return np.stack([base[i % len(base)] for i in range(n)])
