@@ -331,6 +331,34 @@ def test_jpeg_threads_give_the_same_bytes_as_one_thread(batch32: torch.Tensor) -
     assert torch.equal(one, jpeg_roundtrip_cpu(batch32, 20, workers=8))
 
 
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (224, 224), (37, 45), (61, 100)])
+def test_pixelate_matches_pil_box_resizes_exactly(height: int, width: int) -> None:
+    from PIL import Image
+
+    from vpt_robust.corruptions.digital import pixelate
+
+    img = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    factors = PARAMS["pixelate"]["cifar"] + PARAMS["pixelate"]["imagenet"] + (0.13,)
+    for factor in factors:
+        small = (max(int(width * factor), 1), max(int(height * factor), 1))
+        pil = Image.fromarray(img).resize(small, Image.BOX).resize((width, height), Image.BOX)
+        ours = (pixelate(x, factor, None)[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+        assert np.array_equal(ours.numpy(), np.asarray(pil)), f"{height}x{width} at {factor}"
+
+
+def test_box_upscaling_falls_back_where_nearest_exact_is_not_pil() -> None:
+    from vpt_robust.corruptions.digital import _box_up, _box_up_index, _nearest_exact_is_pil
+
+    # 24 -> 37: (18 + 0.5) * 24 / 37 is 12 (PIL's float64) but lands just under 12 in float32.
+    assert _box_up_index(24, 37)[18] == 12 and not _nearest_exact_is_pil(24, 37, "cpu")
+    assert _nearest_exact_is_pil(89, 224, "cpu")
+    small = torch.rand(2, 3, 24, 89)
+    up = _box_up(small, 37, 224)
+    rows, cols = torch.from_numpy(_box_up_index(24, 37)), torch.from_numpy(_box_up_index(89, 224))
+    assert torch.equal(up, small[:, :, rows][..., cols])
+
+
 def test_frost_crop_views_and_gather_agree(batch32: torch.Tensor) -> None:
     from vpt_robust.corruptions.weather import blend_crops
 

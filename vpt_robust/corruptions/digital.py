@@ -6,6 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear
 
@@ -99,57 +100,100 @@ def elastic_from_draws(
 def _box_ranges(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel range [lo, hi) that PIL's BOX filter averages for each output pixel (downscaling).
 
-    PIL weights input pixel j by box((j + 0.5 - centre) / scale) with box(t) = 1 on (-0.5, 0.5]
-    and centre = (i + 0.5) * scale: the pixels whose centres fall in the output pixel's footprint.
+    PIL weights input pixel j by box(((j - centre) + 0.5) / scale) with box(t) = 1 on
+    (-0.5, 0.5] and centre = (i + 0.5) * scale: the pixels whose centres fall in the output
+    pixel's footprint. Same float64 expressions as PIL, so boundary cases fall the same way.
     """
     scale = n_in / n_out
-    support = 0.5 * max(scale, 1.0)
+    filterscale = max(scale, 1.0)
+    support, inv = 0.5 * filterscale, 1.0 / filterscale
     lo = np.zeros(n_out, dtype=np.int64)
     hi = np.zeros(n_out, dtype=np.int64)
     for i in range(n_out):
         centre = (i + 0.5) * scale
         xmin = max(int(centre - support + 0.5), 0)
         xmax = min(int(centre + support + 0.5), n_in)
-        taps = [j for j in range(xmin, xmax) if -0.5 < (j + 0.5 - centre) / scale <= 0.5]
+        taps = [j for j in range(xmin, xmax) if -0.5 < ((j - centre) + 0.5) * inv <= 0.5]
         lo[i], hi[i] = taps[0], taps[-1] + 1
     return lo, hi
 
 
-def _box_down(x: torch.Tensor, n_out: int, dim: int) -> torch.Tensor:
-    """PIL BOX downscaling along one dim: the mean of each output pixel's input range."""
+# PIL's resampler works in fixed point: coefficients with this many fractional bits.
+_PIL_PRECISION_BITS = 22
+
+
+def _box_down_8bit(x: torch.Tensor, n_out: int, dim: int) -> torch.Tensor:
+    """One PIL BOX downscaling pass along `dim`: each output pixel's box mean, rounded to 8 bits.
+
+    PIL rounds with 22-bit coefficients round(2^22 / count): a mean exactly halfway between two
+    levels goes up where the coefficients sum to 2^22 or more and down where they fall short
+    (counts 10, 12, 14, ...); any other mean is at least 1 / (2 count) levels from a half,
+    beyond the fixed point's error. So we round the float mean with a tie-break margin of a
+    quarter of that gap, signed as PIL's coefficient sum, and match PIL on 8-bit input.
+    """
     lo, hi = _box_ranges(x.shape[dim], n_out)
-    taps = int((hi - lo).max())
-    count = torch.as_tensor(hi - lo, dtype=x.dtype, device=x.device)
+    counts = hi - lo
+    one = 1 << _PIL_PRECISION_BITS
+    coefs = np.floor(0.5 + (1.0 / counts) * one)
+    margin = np.where(coefs * counts >= one, 0.25, -0.25) / counts
     shape = [1] * x.dim()
     shape[dim] = n_out
+    count = torch.as_tensor(counts, dtype=x.dtype, device=x.device)
     out = None
-    for t in range(taps):
+    for t in range(int(counts.max())):
         valid = torch.as_tensor((lo + t < hi).astype(np.float32), device=x.device).to(x.dtype)
         idx = torch.as_tensor(np.minimum(lo + t, hi - 1), device=x.device)
         term = x.index_select(dim, idx) * (valid / count).view(shape)
         out = term if out is None else out.add_(term)
     assert out is not None
-    return out
+    offset = torch.as_tensor(0.5 + margin, dtype=x.dtype, device=x.device).view(shape)
+    return out.mul_(255.0).add_(offset).floor_().div_(255.0)
 
 
-def _round_half_up(x: torch.Tensor) -> torch.Tensor:
-    """Round to 8-bit levels as PIL's fixed-point resampler does (halves go up)."""
-    return torch.floor(x * 255.0 + (0.5 + 1e-4)) / 255.0
+@lru_cache(maxsize=64)
+def _box_up_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source pixel of each output pixel in PIL's BOX upscaling, in PIL's float64 arithmetic.
+
+    PIL takes the one pixel at (int)(centre - 0.5 + 0.5), centre = (i + 0.5) * n_in / n_out.
+    """
+    centre = (np.arange(n_out) + 0.5) * (n_in / n_out)
+    return np.minimum(np.trunc(centre - 0.5 + 0.5).astype(np.int64), n_in - 1)
+
+
+@lru_cache(maxsize=64)
+def _nearest_exact_is_pil(n_in: int, n_out: int, device: str) -> bool:
+    """Whether PyTorch's "nearest-exact" (float32 arithmetic) picks PIL's pixels for this size
+    pair; both floor (i + 0.5) * n_in / n_out, and differ only where that is within rounding of
+    an integer (24 -> 37 at i = 18: 12 in float64, just under 12 in float32)."""
+    probe = torch.arange(n_in, dtype=torch.float32, device=device).view(1, 1, n_in, 1)
+    picked = F.interpolate(probe, size=(n_out, 1), mode="nearest-exact").view(-1).long().cpu()
+    return bool(torch.equal(picked, torch.from_numpy(_box_up_index(n_in, n_out))))
+
+
+def _box_up(small: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PIL BOX upscaling of (B, C, h, w) to (height, width): each output pixel copies one input
+    pixel. One interpolation kernel where it picks PIL's pixels, two gathers elsewhere."""
+    sh, sw = small.shape[-2:]
+    device = str(small.device)
+    if _nearest_exact_is_pil(sh, height, device) and _nearest_exact_is_pil(sw, width, device):
+        return F.interpolate(small, size=(height, width), mode="nearest-exact")
+    rows = torch.from_numpy(_box_up_index(sh, height)).to(small.device)
+    cols = torch.from_numpy(_box_up_index(sw, width)).to(small.device)
+    return small.index_select(2, rows).index_select(3, cols)
 
 
 def pixelate(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
-    """Shrink by `factor` with PIL's BOX filter, then enlarge back (nearest = BOX upscaling).
+    """Shrink by `factor` with PIL's BOX filter, then enlarge back (BOX upscaling = nearest).
 
     PIL resamples 8-bit images horizontally, then vertically, rounding to 8 bits after each
-    pass; we do the same so results match PIL on 8-bit input.
+    pass; we do the same so results match PIL on 8-bit input. Each shrinking pass gathers whole
+    rows of a transposed copy (on CPU ~10x faster than gathering columns).
     """
     _, _, h, w = x.shape
     sh, sw = max(int(h * factor), 1), max(int(w * factor), 1)
-    small = _round_half_up(_box_down(x, sw, dim=3))
-    small = _round_half_up(_box_down(small, sh, dim=2))
-    rows = torch.clamp(((torch.arange(h) + 0.5) * (sh / h)).floor().long(), max=sh - 1)
-    cols = torch.clamp(((torch.arange(w) + 0.5) * (sw / w)).floor().long(), max=sw - 1)
-    return small.index_select(2, rows.to(x.device)).index_select(3, cols.to(x.device))
+    narrow = _box_down_8bit(x.transpose(-1, -2).contiguous(), sw, dim=-2)
+    small = _box_down_8bit(narrow.transpose(-1, -2).contiguous(), sh, dim=-2)
+    return _box_up(small, h, w)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +216,11 @@ def jpeg_roundtrip_cpu(x: torch.Tensor, quality: int, workers: int) -> torch.Ten
 
     def run(start: int, stop: int) -> None:
         encoded = encode_jpeg(list(to_uint8(x[start:stop]).unbind(0)), quality=quality)
-        decoded = torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB))
-        torch.div(decoded, 255.0, out=out[start:stop])
+        # The decoder returns (3, H, W) views of interleaved pixels: one copy each straight
+        # into the float output, then one division (7x faster than dividing the uint8 stack).
+        for n, image in enumerate(decode_jpeg(encoded, mode=ImageReadMode.RGB), start):
+            out[n].copy_(image)
+        out[start:stop].div_(255.0)
 
     bounds = [(int(c[0]), int(c[-1]) + 1) for c in torch.arange(len(x)).chunk(max(1, workers))]
     if len(bounds) <= 1:
