@@ -15,8 +15,11 @@ is out of reach on that machine.
     python bench/corruptions.py --device cpu --sizes 32 224 --batch 256 32
     python bench/corruptions.py --device cuda --sizes 32 224 --batch 12544 256
 
-(On CPU, a 224 px batch of 32 keeps each call's arrays under glibc's 32 MB mmap threshold, so
-freed memory is reused instead of being page-faulted in again on every call.)
+(On CPU the bench fixes glibc's mmap/trim thresholds (`vpt_robust.utils.keep_freed_memory`,
+as jemalloc or tcmalloc would) for ours and the reference alike: with glibc's adaptive defaults
+freed temporaries are sometimes unmapped and page-faulted in again on every call, and a
+memory-bound corruption ran at one of two speeds, 2.5x apart, depending on the process.
+--glibc-malloc keeps the defaults.)
 
 Writes a JSON file (--out) and prints a table.
 """
@@ -38,6 +41,7 @@ import torch
 
 from vpt_robust.corruptions import CORRUPTIONS, corrupt
 from vpt_robust.data.images import sample_photos
+from vpt_robust.utils import keep_freed_memory
 
 
 def load_reference() -> Callable[..., np.ndarray]:
@@ -145,7 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-reps", type=int, default=50, help="max batched calls (ours)")
     parser.add_argument("--max-ref-images", type=int, default=200)
     parser.add_argument("--out", default=None, help="JSON path (default outputs/bench/...)")
+    parser.add_argument(
+        "--glibc-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds"
+    )
     args = parser.parse_args(argv)
+    malloc_fixed = False if args.glibc_malloc else keep_freed_memory()
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads_ours": args.threads if device.type == "cpu" else None,
         "threads_reference": 1,
+        "malloc_thresholds_fixed": malloc_fixed,
         "batch": batches,
         "severity": args.severity,
         "table": args.table,

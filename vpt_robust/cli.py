@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vpt_robust.config import ConfigError, Params, load_params, parse_override
+from vpt_robust.utils import keep_freed_memory
 
 
 def _params(args: argparse.Namespace) -> Params:
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -1,7 +1,9 @@
-"""Small shared helpers: device resolution, seeding, progress bars."""
+"""Small shared helpers: device resolution, seeding, progress bars, allocator settings."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import random
 import sys
@@ -41,3 +43,29 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     interval = 0.1 if sys.stderr.isatty() else 30.0
     bar = tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, mininterval=interval)
     return iter(bar)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Fix glibc's mmap and trim thresholds so freed tensor memory is reused, not unmapped.
+
+    With glibc's adaptive defaults, large CPU temporaries alternate between reused heap memory
+    and fresh mappings page-faulted in on every call, so throughput of memory-bound work is
+    bimodal per process (pixelate: 9 or 23 ms per 32 images at 224 px). jemalloc and tcmalloc
+    behave like this setting. Process-wide; returns False where glibc's mallopt is missing.
+    """
+    for field, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 < value < 2**31:
+            raise ValueError(f"{field}: {value} bytes is outside glibc's range (1 to 2^31 - 1)")
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
