@@ -309,13 +309,13 @@ def original_plasma_fractal(mapsize: int, decay: float, uniforms: np.ndarray) ->
 
 
 def test_plasma_fractal_matches_the_original_diamond_square() -> None:
-    from vpt_robust.corruptions.weather import plasma_fractal
+    from vpt_robust.corruptions.weather import plasma_fractal, plasma_uniforms
 
     for mapsize, decay in ((2, 3.0), (16, 2.0), (64, 1.4)):
         gen = torch.Generator().manual_seed(mapsize)
         ours = plasma_fractal(2, mapsize, decay, gen, torch.device("cpu"))
         gen = torch.Generator().manual_seed(mapsize)
-        draws = torch.rand(2, mapsize * mapsize - 1, generator=gen).double().numpy()
+        draws = plasma_uniforms(2, mapsize, gen, torch.device("cpu")).double().numpy()
         for i in range(2):
             ref = original_plasma_fractal(mapsize, decay, draws[i])
             np.testing.assert_allclose(ours[i].numpy(), ref, atol=2e-4)

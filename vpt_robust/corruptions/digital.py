@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpt_robust.corruptions.draws import rand
 from vpt_robust.corruptions.filters import gaussian_filter, sample_bilinear
 
 
@@ -68,7 +69,7 @@ def elastic_transform(
     """
     b, _, h, w = x.shape
     jitter = torch.rand((b, 3, 2), generator=gen, device=x.device, dtype=torch.float32) * 2 - 1
-    fields = torch.rand((b, 2, h, w), generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
+    fields = rand((b, 2, h, w), gen, x.device, x.dtype).mul_(2.0).sub_(1.0)
     return elastic_from_draws(x, params, jitter, fields)
 
 

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from vpt_robust.corruptions.draws import parallel_draws, rand, randn
+
 
 def gaussian_noise(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     """x + N(0, std^2) per value, clipped to [0, 1]."""
-    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    noise = randn(x.shape, gen, x.device, x.dtype)
     return noise.mul_(std).add_(x).clamp_(0.0, 1.0)
 
 
 def shot_noise(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
     """Poisson(x * scale) / scale per value, clipped to [0, 1] (photon counting noise)."""
-    counts = torch.poisson(x * scale, generator=gen)
+    rates = x * scale
+    counts = torch.empty_like(x)
+
+    def fill(rows: slice, g: torch.Generator) -> None:
+        counts[rows] = torch.poisson(rates[rows], generator=g)
+
+    parallel_draws(counts, gen, fill)
     return counts.div_(scale).clamp_(0.0, 1.0)
 
 
@@ -23,7 +31,7 @@ def impulse_noise(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch
     skimage's random_noise(mode="s&p") draws "flipped" and "salted" separately; one uniform
     u gives the same law: u < amount / 2 -> 0, amount / 2 <= u < amount -> 1.
     """
-    u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    u = rand(x.shape, gen, x.device, x.dtype)
     # floor(u / (amount / 2)) is 0 on [0, amount / 2), 1 on [amount / 2, amount), >= 2 above.
     level = torch.floor_divide(u, amount / 2.0)
     return torch.where(level < 2.0, level, x)

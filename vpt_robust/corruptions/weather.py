@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vpt_robust.corruptions import fused
+from vpt_robust.corruptions.draws import rand, randn
 from vpt_robust.corruptions.filters import clipped_zoom, motion_blur, rgb_to_gray
 from vpt_robust.corruptions.frost_textures import N_TEXTURES, frost_texture
 
@@ -22,7 +23,7 @@ def snow(x: torch.Tensor, params: tuple[float, ...], gen: torch.Generator) -> to
     """
     loc, scale, zoom, threshold, radius, sigma, blend = params
     b, _, h, w = x.shape
-    layer = torch.randn((b, 1, h, w), generator=gen, device=x.device, dtype=x.dtype)
+    layer = randn((b, 1, h, w), gen, x.device, x.dtype)
     layer = clipped_zoom(layer.mul_(scale).add_(loc), float(zoom))
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).clamp_(0.0, 1.0)
     angles = torch.rand(b, generator=gen, device=x.device, dtype=torch.float64) * 90.0 - 135.0
@@ -152,7 +153,7 @@ def plasma_uniforms(
     2, 4, ...), mapsize^2 - 1 in all."""
     if mapsize < 1 or mapsize & (mapsize - 1):
         raise ValueError(f"mapsize: {mapsize} is not a power of two")
-    return torch.rand(batch, mapsize * mapsize - 1, generator=gen, device=device)
+    return rand((batch, mapsize * mapsize - 1), gen, device)
 
 
 def plasma_from_uniforms(uniforms: torch.Tensor, mapsize: int, decay: float) -> torch.Tensor:
