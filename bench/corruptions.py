@@ -332,7 +332,7 @@ def print_table(result: dict) -> None:
                     f"{r['ours_img_s']:.0f}",
                     f"{r['reference_img_s']:.0f}",
                     f"{r['ratio']:.1f}x",
-                    f"{r['floor_ratio']:.1f}x {r['floor_kind']}",
+                    f"{r['floor_ratio']:.{0 if r['floor_ratio'] >= 100 else 1}f}x {r['floor_kind']}",
                 ]
                 if r
                 else ["-"] * 4
