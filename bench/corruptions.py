@@ -42,7 +42,7 @@ import torch
 
 from vpt_robust.corruptions import CORRUPTIONS, corrupt, select_table
 from vpt_robust.corruptions.digital import to_uint8
-from vpt_robust.corruptions.draws import parallel_draws
+from vpt_robust.corruptions.draws import parallel_draws, rand, randn
 from vpt_robust.corruptions.tables import params_for
 from vpt_robust.data.images import sample_photos
 from vpt_robust.utils import keep_freed_memory
@@ -134,12 +134,8 @@ def floor_call(
     gen = torch.Generator(device=device)
 
     def draw(shape: tuple[int, ...], kind: str = "rand") -> Callable[[int], object]:
-        out = torch.empty(shape, device=device)
-
-        def fill(rows: slice, g: torch.Generator) -> None:
-            out[rows].normal_(generator=g) if kind == "randn" else out[rows].uniform_(generator=g)
-
-        return lambda rep: parallel_draws(out, gen.manual_seed(rep), fill)
+        sample = randn if kind == "randn" else rand
+        return lambda rep: sample(shape, gen.manual_seed(rep), device)
 
     if name == "gaussian_noise":
         return "draws", draw(tuple(x.shape), "randn")

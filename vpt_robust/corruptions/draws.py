@@ -62,6 +62,20 @@ def parallel_draws(
     return out
 
 
+def _sample(
+    shape: Sequence[int], gen: torch.Generator, device: torch.device, dtype: torch.dtype, law: str
+) -> torch.Tensor:
+    out = torch.empty(tuple(shape), device=device, dtype=dtype)
+
+    def fill(rows: slice, g: torch.Generator) -> None:
+        if law == "normal":
+            out[rows].normal_(generator=g)
+        else:
+            out[rows].uniform_(generator=g)
+
+    return parallel_draws(out, gen, fill)
+
+
 def rand(
     shape: Sequence[int],
     gen: torch.Generator,
@@ -69,12 +83,7 @@ def rand(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """U[0, 1) draws of `shape` (batch first), as `parallel_draws` spreads them."""
-    out = torch.empty(tuple(shape), device=device, dtype=dtype)
-
-    def fill(rows: slice, g: torch.Generator) -> None:
-        out[rows].uniform_(generator=g)
-
-    return parallel_draws(out, gen, fill)
+    return _sample(shape, gen, device, dtype, "uniform")
 
 
 def randn(
@@ -84,9 +93,4 @@ def randn(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """N(0, 1) draws of `shape` (batch first), as `parallel_draws` spreads them."""
-    out = torch.empty(tuple(shape), device=device, dtype=dtype)
-
-    def fill(rows: slice, g: torch.Generator) -> None:
-        out[rows].normal_(generator=g)
-
-    return parallel_draws(out, gen, fill)
+    return _sample(shape, gen, device, dtype, "normal")
