@@ -16,6 +16,8 @@ def gaussian_noise(x: torch.Tensor, std: float, gen: torch.Generator) -> torch.T
 def shot_noise(x: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
     """Poisson(x * scale) / scale per value, clipped to [0, 1] (photon counting noise)."""
     rates = x * scale
+    if x.device.type != "cpu":
+        return torch.poisson(rates, generator=gen).div_(scale).clamp_(0.0, 1.0)
     counts = torch.empty_like(x)
 
     def fill(rows: slice, g: torch.Generator) -> None:
