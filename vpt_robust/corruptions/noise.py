@@ -34,6 +34,4 @@ def impulse_noise(x: torch.Tensor, amount: float, gen: torch.Generator) -> torch
     u gives the same law: u < amount / 2 -> 0, amount / 2 <= u < amount -> 1.
     """
     u = rand(x.shape, gen, x.device, x.dtype)
-    # floor(u / (amount / 2)) is 0 on [0, amount / 2), 1 on [amount / 2, amount), >= 2 above.
-    level = torch.floor_divide(u, amount / 2.0)
-    return torch.where(level < 2.0, level, x)
+    return torch.where(u < amount, (u >= amount / 2.0).to(x.dtype), x)
