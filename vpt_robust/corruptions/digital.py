@@ -21,7 +21,11 @@ def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Ten
     v = x.amax(dim=1, keepdim=True)
     v_new = (v + delta).clamp_(max=1.0)
     ratio = v_new / v.clamp_min(1e-12)
-    return torch.where(v > 0, x * ratio, v_new.expand_as(x)).clamp_(0.0, 1.0)
+    # Black pixels (V = 0, so x = 0 and x * ratio = 0) become grey V'; every other pixel gets
+    # x * ratio + 0 exactly. One fused pass instead of a product and a select; the (B, 1, H, W)
+    # operands are expanded explicitly (implicit broadcasting over channels was slower on CPU).
+    black = torch.where(v > 0, 0.0, v_new)
+    return torch.addcmul(black.expand_as(x), x, ratio.expand_as(x)).clamp_(0.0, 1.0)
 
 
 def contrast(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
