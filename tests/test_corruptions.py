@@ -359,6 +359,22 @@ def test_box_upscaling_falls_back_where_nearest_exact_is_not_pil() -> None:
     assert torch.equal(up, small[:, :, rows][..., cols])
 
 
+def test_contrast_stays_in_range_without_clipping() -> None:
+    from vpt_robust.corruptions.digital import contrast
+
+    x = torch.zeros(3, 3, 16, 16)
+    x[0] = 1.0  # channels at the top of the range: the sum must round to at most 1
+    x[1, :, ::2] = 1.0  # half 0, half 1
+    x[2] = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    factors = torch.rand(2000, generator=torch.Generator().manual_seed(1)).tolist()
+    for factor in factors + list(PARAMS["contrast"]["cifar"] + PARAMS["contrast"]["imagenet"]):
+        y = contrast(x, factor, None)
+        assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0, factor
+    means = x.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(contrast(x, 0.3, None), 0.3 * x + 0.7 * means, atol=1e-6)
+    assert float(contrast(x * 3 - 1, 2.0, None).max()) == 1.0  # outside [0, 1]: clipped
+
+
 def test_frost_crop_views_and_gather_agree(batch32: torch.Tensor) -> None:
     from vpt_robust.corruptions.weather import blend_crops
 

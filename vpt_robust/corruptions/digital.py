@@ -29,9 +29,14 @@ def brightness(x: torch.Tensor, delta: float, gen: torch.Generator) -> torch.Ten
 
 
 def contrast(x: torch.Tensor, factor: float, gen: torch.Generator) -> torch.Tensor:
-    """Shrink each channel's deviation from its own spatial mean by `factor`."""
+    """Shrink each channel's deviation from its own spatial mean by `factor`.
+
+    As factor * x + (1 - factor) * mean: for x in [0, 1] and factor in [0, 1] that stays in
+    [0, 1] in float32 too (factor + fl(1 - factor) rounds to at most 1), so no clipping pass.
+    """
     means = x.mean(dim=(2, 3), keepdim=True)
-    return torch.lerp(means, x, factor).clamp_(0.0, 1.0)
+    out = torch.add(means.mul_(1.0 - factor), x, alpha=factor)
+    return out if 0.0 <= factor <= 1.0 else out.clamp_(0.0, 1.0)
 
 
 def _affine_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
