@@ -347,6 +347,16 @@ def test_pixelate_matches_pil_box_resizes_exactly(height: int, width: int) -> No
         assert np.array_equal(ours.numpy(), np.asarray(pil)), f"{height}x{width} at {factor}"
 
 
+def test_box_downscaling_with_and_without_the_transposed_copy_agree() -> None:
+    from vpt_robust.corruptions.digital import _box_down_pil
+
+    x = torch.rand(2, 3, 45, 61, generator=torch.Generator().manual_seed(0))
+    for height, width in ((37, 19), (11, 53), (45, 30)):
+        rows = _box_down_pil(x, height, width, transpose=True)
+        assert rows.shape == (2, 3, height, width) and rows.is_contiguous()
+        assert torch.equal(rows, _box_down_pil(x, height, width, transpose=False))
+
+
 def test_box_upscaling_falls_back_where_nearest_exact_is_not_pil() -> None:
     from vpt_robust.corruptions.digital import _box_up, _box_up_index, _nearest_exact_is_pil
 
