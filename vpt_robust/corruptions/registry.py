@@ -94,8 +94,8 @@ def corrupt(
 
     images: (B, 3, H, W) float tensor in [0, 1] on any device; the result has the same shape,
     dtype and device, values in [0, 1]. Computation runs in float32 on the images' device.
-    seed: same seed, same input, same device -> same output (CPU and CUDA draw different random
-    numbers). table: "auto" (CIFAR-10-C parameters for images up to 64 px, ImageNet-C above),
+    seed: same seed, same input, same device -> same output, on CPU whatever the thread count
+    (`draws.py`; CPU and CUDA draw different random numbers). table: "auto" (CIFAR-10-C parameters for images up to 64 px, ImageNet-C above),
     "cifar" or "imagenet". check_values=False skips the [0, 1] check, for callers that
     validated the images once already (streams over a fixed base set do).
     """
