@@ -461,3 +461,14 @@ def test_fused_kernels_can_be_disabled_with_a_warning(monkeypatch: pytest.Monkey
         fused.disable(RuntimeError("no compiler"))
     assert not fused.available(torch.device("cuda"))
     assert not fused.available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "reflect", "mirror"])
+def test_boundary_padding_equals_gathering_every_position(mode: str) -> None:
+    from vpt_robust.corruptions.filters import boundary_index, pad_boundary
+
+    x = torch.rand(2, 3, 9, 12, generator=torch.Generator().manual_seed(0))
+    for dim, radius in ((-1, 4), (-2, 3), (-1, 11), (-2, 20)):  # up to several reflections
+        n = x.shape[dim]
+        idx = boundary_index(torch.arange(-radius, n + radius), n, mode)
+        assert torch.equal(pad_boundary(x, radius, dim, mode), x.index_select(dim, idx))

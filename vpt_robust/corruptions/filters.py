@@ -100,10 +100,20 @@ def separable_filter(
         mh = filter_matrix(h, weights, mode, x.device, x.dtype)
         mw = filter_matrix(w, weights, mode, x.device, x.dtype)
         return torch.matmul(mh, torch.matmul(x, mw.T))
-    rows = boundary_index(torch.arange(-radius, h + radius, device=x.device), h, mode)
-    cols = boundary_index(torch.arange(-radius, w + radius, device=x.device), w, mode)
-    y = _correlate_valid(x.index_select(-2, rows), weights, dim=-2)
-    return _correlate_valid(y.index_select(-1, cols), weights, dim=-1)
+    y = _correlate_valid(pad_boundary(x, radius, -2, mode), weights, dim=-2)
+    return _correlate_valid(pad_boundary(y, radius, -1, mode), weights, dim=-1)
+
+
+def pad_boundary(x: torch.Tensor, radius: int, dim: int, mode: str) -> torch.Tensor:
+    """x extended by `radius` values on both ends of `dim` with a scipy boundary mode.
+
+    Equal to gathering all positions through `boundary_index`, but only the edges are gathered
+    and the middle is copied whole (a gather along the last dim was 5x slower on CPU).
+    """
+    n = x.shape[dim]
+    idx = boundary_index(torch.arange(-radius, n + radius, device=x.device), n, mode)
+    left, right = x.index_select(dim, idx[:radius]), x.index_select(dim, idx[n + radius :])
+    return torch.cat([left, x, right], dim=dim)
 
 
 def _correlate_valid(x: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Tensor:
