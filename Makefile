@@ -32,7 +32,7 @@ install: $(STAMP)
 
 demo: install
 	vpt-robust data
-	dvc repro
+	vpt-robust repro
 	vpt-robust show
 
 test: install

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from vpt_robust import tracking
 from vpt_robust.config import Params, load_params, validate
 from vpt_robust.stages import STAGES, run_stage
 
@@ -37,21 +38,32 @@ def pipeline(
     stages: list[str] | None = None,
     materialise: bool = True,
 ) -> dict[str, Any]:
-    """Run the stages in order (all by default); one MLflow parent run for the flow run."""
+    """Run the stages in order (all by default) under one MLflow parent run for the flow run:
+    RUNNING while its stages run, then FAILED if the flow or a stage failed, else FINISHED."""
     params: Params = load_params(params_file, preset=preset, overrides=overrides)
-    raw = params.model_dump(mode="json")
-    pid = f"prefect-{flow_run.get_id() or 'local'}"
-    logger = get_run_logger()
-    if materialise:
-        logger.info(materialise_data(raw))
     selected = stages or list(STAGES)
     unknown = [s for s in selected if s not in STAGES]
     if unknown:
         raise ValueError(f"stages: {unknown} are not among {list(STAGES)}")
-    results: dict[str, Any] = {}
-    for name in selected:
-        results[name] = stage.with_options(name=f"stage-{name}")(name, raw, pid)
-        logger.info("stage %s done", name)
+    raw = params.model_dump(mode="json")
+    pid = f"prefect-{flow_run.get_id() or tracking.new_pipeline_id('local')}"
+    logger = get_run_logger()
+    parent = None
+    if params.tracking.enabled:
+        parent = tracking.open_parent(params.tracking, pid, params.model_dump(), owner="flow")
+    failed = True
+    try:
+        if materialise:
+            logger.info(materialise_data(raw))
+        results: dict[str, Any] = {}
+        for name in selected:
+            results[name] = stage.with_options(name=f"stage-{name}")(name, raw, pid)
+            logger.info("stage %s done", name)
+        failed = False
+    finally:
+        if parent is not None:
+            status = tracking.close_parent(params.tracking, parent, failed=failed)
+            logger.info("MLflow pipeline run %s: %s", parent, status)
     return results
 
 

@@ -30,13 +30,24 @@ from vpt_robust.attacks import (
 
 
 def test_error_classes_share_a_base():
-    for cls in (
-        GradientMaskingError,
-        StochasticModelError,
-        RobustAboveCleanError,
-        EpsNotMonotoneError,
-    ):
-        assert issubclass(cls, RobustnessCheckError)
+    """Every check's failure is caught by one `except RobustnessCheckError` (and by a generic
+    RuntimeError handler), while still telling which check failed."""
+    images, labels = eval_data(16)
+    triggers = {
+        GradientMaskingError: lambda: check_gradients(
+            QuantisedInput(trained_cnn()), images, labels
+        ),
+        StochasticModelError: lambda: check_deterministic(DropoutAlways(trained_cnn()), images),
+        RobustAboveCleanError: lambda: check_robust_not_above_clean(
+            clean_accuracy=0.5, robust_accuracy=0.6
+        ),
+        EpsNotMonotoneError: lambda: check_eps_monotone({0.0: 0.9, 1 / 255: 0.4, 2 / 255: 0.7}),
+    }
+    for cls, trigger in triggers.items():
+        with pytest.raises(RobustnessCheckError) as caught:
+            trigger()
+        assert type(caught.value) is cls
+        assert isinstance(caught.value, RuntimeError)
 
 
 def test_masked_gradients_are_refused():

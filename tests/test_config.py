@@ -64,3 +64,69 @@ def test_cli_rejects_bad_value_and_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "train.lr: -1 is not > 0" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_preset_prompts_replace_the_whole_list(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"prompts": [{"kind": "padding"}, {"kind": "evp"}]}))
+    preset = tmp_path / "one.yaml"
+    preset.write_text(yaml.safe_dump({"prompts": [{"kind": "vpt", "length": 3}]}))
+    params = load_params(params_file, preset=str(preset))
+    assert [(p.kind, p.args) for p in params.prompts] == [("vpt", {"length": 3})]
+    assert [p.kind for p in validate({}).prompts] == ["padding"]  # the default: one family
+
+
+def test_single_prompt_block_in_a_preset_names_both_keys_and_the_files(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"prompts": [{"kind": "padding", "pad_size": 4}]}))
+    preset = tmp_path / "wide.yaml"
+    preset.write_text(yaml.safe_dump({"prompt": {"kind": "padding", "pad_size": 30}}))
+    with pytest.raises(ConfigError) as err:
+        load_params(params_file, preset=str(preset))
+    msg = str(err.value)
+    assert msg.startswith(f"{preset}: `prompt` is not a params block")
+    assert f"({params_file} sets `prompts`)" in msg
+    assert "Write `prompts: [{kind: padding, pad_size: 30}]` instead of `prompt:`" in msg
+
+
+def test_single_prompt_block_is_refused_wherever_it_comes_from(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"prompt": {"kind": "vpt"}, "prompts": []}))
+    with pytest.raises(ConfigError, match=r"params.yaml: `prompt` is not .* \(it sets `prompts`\)"):
+        load_params(params_file)
+    params_file.write_text(yaml.safe_dump({"train": {"epochs": 1}}))
+    with pytest.raises(ConfigError, match=r"^the overrides \(--set\): `prompt` is not a params"):
+        load_params(params_file, overrides=parse_override("prompt.kind=vpt"))
+    with pytest.raises(ConfigError, match=r"^params: `prompt` is not .*`prompts: \[\{kind: vpt"):
+        validate({"prompt": {"kind": "vpt"}})
+
+
+def test_empty_prompts_list_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"prompts: \[\] lists no prompt family"):
+        validate({"prompts": []})
+
+
+def test_prepare_names_a_command_that_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    from vpt_robust.cli import build_parser
+    from vpt_robust.stages import prepare
+
+    stored = SimpleNamespace(images=torch.zeros(1, 3, 32, 32))  # data/ rendered at 32 px
+    monkeypatch.setattr(prepare, "load_embedded", lambda root: stored)
+    params = validate({"data": {"image_size": 16}})
+    with pytest.raises(ValueError, match="data.image_size: params say 16") as err:
+        prepare.make_splits(params)
+    commands = re.findall(r"`(vpt-robust [^`]*)`", str(err.value))
+    assert commands == ["vpt-robust data --force"]
+    args = build_parser().parse_args(commands[0].split()[1:])  # exits on an unknown command
+    assert (args.command, args.force) == ("data", True)
+
+
+def test_importing_the_config_does_not_import_torch() -> None:
+    code = "import sys, vpt_robust.config; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

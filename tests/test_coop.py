@@ -96,3 +96,60 @@ def test_shared_context_transfers_to_new_classes_class_specific_does_not(bb: Bac
     assert specific.class_bound
     with pytest.raises(ValueError, match="a linear head"):
         build_classifier(bb, NAMES, PromptConfig(kind="coop", head="linear"), HEAD)
+
+
+def _coop(bb: Backbone):
+    torch.manual_seed(0)
+    return build_classifier(bb, NAMES, PromptConfig(kind="coop", init="random", n_ctx=4), HEAD)
+
+
+def test_eval_mode_forward_under_grad_reaches_the_context(bb: Backbone) -> None:
+    """Test-time tuning (TPT) tunes the context with the model in eval mode: grad mode, not
+    ``training``, decides whether the text features carry a gradient."""
+    model = _coop(bb).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))  # fills the cache
+    model(torch.rand(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    grad = model.head.context.ctx.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_writes_through_data_and_copy_invalidate_the_cache(bb: Backbone) -> None:
+    model, fresh = _coop(bb).eval(), _coop(bb).eval()
+    ctx = model.head.context.ctx
+    saved = ctx.detach().clone()
+    x = torch.rand(2, 3, 32, 32)
+    new = torch.randn(ctx.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = model(x)
+        ctx.data[...] = new  # does not bump the version counter
+        after = model(x)
+        fresh.head.context.ctx.data[...] = new
+        assert not torch.allclose(first, after, atol=1e-3)
+        assert torch.equal(after, fresh(x))
+    # One TPT-style step in eval mode, then reset by copying the saved context back.
+    opt = torch.optim.SGD([ctx], lr=1.0)
+    model(x).logsumexp(-1).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), after)
+        ctx.copy_(saved)
+        assert torch.equal(model(x), first)
+
+
+def test_features_cached_in_inference_mode_serve_an_attack(bb: Backbone) -> None:
+    """A frozen context: features computed once (even under inference_mode, e.g. an
+    evaluation loop) are still usable when an attack differentiates through the image."""
+    model = _coop(bb).eval()
+    model.head.context.ctx.requires_grad_(False)
+    calls = []
+    context = model.head.context
+    original = context.forward
+    context.forward = lambda backbone: (calls.append(1), original(backbone))[1]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        model(x)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x).logsumexp(-1).sum(), x)
+    assert grad.abs().sum() > 0
+    assert len(calls) == 1  # grad mode on, but nothing to differentiate in the text tower

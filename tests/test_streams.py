@@ -187,3 +187,57 @@ def test_stream_over_real_cifar_c_files(tmp_path: Path) -> None:
         ref = data[batch.corruption][rows].transpose(0, 3, 1, 2) / 255.0
         assert np.allclose(batch.images.numpy(), ref)
         assert np.array_equal(batch.labels.numpy(), labels[batch.indices.numpy()])
+
+
+def _distinct_per_batch(stream: CorruptionStream, labels: torch.Tensor) -> list[int]:
+    return [len(set(labels[b.indices].tolist())) for b in stream]
+
+
+def test_correlated_orders_classes_by_a_seeded_dirichlet_draw() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    src = GeneratedSource(torch.rand(200, 3, 16, 16, generator=gen), labels)
+    kw = {"corruptions": ("fog", "contrast"), "batch_size": 20}
+    stream = CorruptionStream(src, "correlated", seed=4, **kw)
+    iid = CorruptionStream(src, "continual", seed=4, shuffle=True, **kw)
+    # Every base sample once per domain, and one reset, as in the continual protocol.
+    assert all(sorted(s.indices) == list(range(200)) for s in stream.segments)
+    assert [s.reset for s in stream.segments] == [True, False]
+    # Consecutive batches hold few classes (i.i.d. batches of 20 hold ~8.8 of the 10).
+    few, many = _distinct_per_batch(stream, labels), _distinct_per_batch(iid, labels)
+    assert sum(few) / len(few) < 4.5 and sum(many) / len(many) > 7.5
+    # Class runs: the label changes between neighbours far less often than under i.i.d. order.
+    seq = labels[list(stream.segments[0].indices)]
+    iid_seq = labels[list(iid.segments[0].indices)]
+    assert int((seq[1:] != seq[:-1]).sum()) < 70 < 150 < int((iid_seq[1:] != iid_seq[:-1]).sum())
+    # A fresh draw per domain, reproducible from the seed, different for another seed.
+    assert stream.segments[0].indices != stream.segments[1].indices
+    again = CorruptionStream(src, "correlated", seed=4, **kw)
+    assert [s.indices for s in again.segments] == [s.indices for s in stream.segments]
+    other = CorruptionStream(src, "correlated", seed=5, **kw)
+    assert other.segments[0].indices != stream.segments[0].indices
+    # A larger concentration mixes the classes more.
+    flat = CorruptionStream(src, "correlated", seed=4, dirichlet=100.0, **kw)
+    assert sum(_distinct_per_batch(flat, labels)) > sum(few) + len(few)
+    desc = stream.describe()
+    assert desc["dirichlet"] == 0.1 and desc["reset_policy"].startswith("reset once")
+    for batch in stream:  # the labels a batch carries are those of its base samples
+        assert torch.equal(batch.labels, labels[batch.indices])
+    with pytest.raises(ValueError, match="dirichlet"):
+        CorruptionStream(src, "correlated", dirichlet=0.0)
+
+
+def test_correlated_reads_labels_through_fetch_when_the_source_has_no_base_labels(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(1)
+    per = 40
+    labels = np.repeat(np.arange(4), per // 4).astype(np.uint8)
+    np.save(tmp_path / "labels.npy", np.tile(labels, 5))
+    np.save(tmp_path / "fog.npy", rng.integers(0, 256, (5 * per, 32, 32, 3), dtype=np.uint8))
+    stream = CorruptionStream(
+        CifarCSource(tmp_path), "correlated", corruptions=("fog",), batch_size=10, seed=0
+    )
+    seq = labels[list(stream.segments[0].indices)]
+    assert sorted(stream.segments[0].indices) == list(range(per))
+    assert int((seq[1:] != seq[:-1]).sum()) <= 8

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,61 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _dvc_status(dvc: list[str]) -> set[str] | None:
+    """Names of the stages ``dvc status`` reports changed, None if it could not tell."""
+    proc = subprocess.run([*dvc, "status", "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    try:
+        return set(json.loads(proc.stdout or "{}"))
+    except json.JSONDecodeError:
+        return None
+
+
+def _lock_hashes(lock_file: Path) -> dict[str, str]:
+    import yaml
+
+    from vpt_robust.tracking import lock_entry_hash
+
+    if not lock_file.is_file():
+        return {}
+    entries = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+    return {name: lock_entry_hash(entry) for name, entry in entries.items()}
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    """``dvc repro`` as one MLflow pipeline run that names, per stage, the run that made its
+    result: the child run that ran now, or the earlier run whose cached result dvc reused."""
+    import yaml
+
+    from vpt_robust import tracking
+
+    dvc = [sys.executable, "-m", "dvc"]
+    command = [*dvc, "repro", *args.dvc_args]
+    params = load_params(args.params)
+    cfg = params.tracking
+    if not cfg.enabled:
+        return subprocess.call(command)
+    pid = tracking.new_pipeline_id("repro")
+    parent = tracking.open_parent(cfg, pid, params.model_dump(), owner="repro")
+    print(f"MLflow pipeline run {parent} (pipeline id {pid})", file=sys.stderr)
+    rc = 1
+    try:
+        rc = subprocess.call(command, env={**os.environ, tracking.PIPELINE_ENV: pid})
+    finally:
+        stages = list(yaml.safe_load(Path("dvc.yaml").read_text()).get("stages", {}))
+        changed = _dvc_status(dvc)
+        up_to_date = set() if changed is None else set(stages) - changed
+        lineage = tracking.record_lineage(
+            cfg, parent, stages, _lock_hashes(Path("dvc.lock")), up_to_date
+        )
+        status = tracking.close_parent(cfg, parent, failed=rc != 0)
+        for stage, text in lineage.items():
+            print(f"  {stage}: {text}", file=sys.stderr)
+        print(f"MLflow pipeline run {parent}: {status}", file=sys.stderr)
+    return rc
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -104,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser(
+        "repro",
+        help="`dvc repro` (same arguments) as one MLflow parent run with every stage's lineage",
+        description="Runs `dvc repro ARGS...` under one MLflow parent run. Stages that run are "
+        "its child runs; for each stage dvc skips, the parent records the earlier run whose "
+        "cached result was reused. Every other argument goes to dvc.",
+    )
+    p.add_argument("--params", default="params.yaml", help="params file dvc reads")
+    p.set_defaults(func=cmd_repro, dvc_args=[])
+
+    p = sub.add_parser(
         "data", help="materialise the embedded default data and check it against data.dvc"
     )
     p.add_argument("--dvc-file", default="data.dvc")
@@ -133,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "repro":
+        args.dvc_args = extra  # every other argument (targets, --force, -s, ...) goes to dvc
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     keep_freed_memory()
     try:
         return args.func(args)

@@ -1,8 +1,13 @@
 """Typed, validated pipeline configuration: one pydantic model per params block.
 
 `params.yaml` is the single source of truth for `dvc repro`; a preset from `configs/` is merged
-over it (nested dicts merge key by key). Validation errors name the field, the value and what is
-allowed, e.g. ``train.lr: -1 is not > 0``.
+over it (nested dicts merge key by key; a list, such as the ``prompts`` families, is replaced
+whole). Validation errors name the field, the value and what is allowed, e.g.
+``train.lr: -1 is not > 0``.
+
+Validating prompt families imports ``vpt_robust.prompts`` (each family's argument model lives in
+the family's own file, beside its torch module), so ``validate`` / ``load_params`` import torch;
+importing this module does not.
 """
 
 from __future__ import annotations
@@ -210,8 +215,13 @@ class TrainConfig(Block):
     """Supervised prompt tuning (Bahng et al. defaults, scaled to the embedded data).
 
     ``optimizer``: ``sgd`` (with ``momentum``), ``adamw``, or ``normalized_sgd`` (EVP's update
-    ``p -= lr * g / ||g||_2``, the norm taken over all learned tensors together; no momentum).
-    The learning rate follows a linear warm-up over ``warmup_steps`` then a cosine decay to 0.
+    ``p -= lr * g / ||g||_2``, the norm taken over all learned tensors of a parameter group
+    together; no momentum). ``schedule``: after a linear warm-up over ``warmup_steps``, the
+    learning rate decays to 0 on a cosine (``cosine``) or stays at ``lr`` (``constant``, L2P).
+    ``param_groups`` maps a parameter-name prefix of the classifier (``head``, ``token_prompt``,
+    ``pixel_prompt``, ``head.context``, ...; matched on whole dotted components, the longest
+    prefix wins) to a learning-rate scale: those parameters train at ``lr * scale``, the others
+    at ``lr``. A prefix that matches no trainable parameter is an error.
     With ``checkpoint`` a resumable checkpoint is written after every epoch; with ``resume`` an
     interrupted run whose checkpoint matches the current run exactly continues from it (and ends
     with the result an uninterrupted run would have given).
@@ -225,9 +235,23 @@ class TrainConfig(Block):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    param_groups: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
     grad_clip: float | None = Field(None, gt=0)
     checkpoint: bool = True
     resume: bool = True
+
+    @field_validator("param_groups")
+    @classmethod
+    def _prefixes(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if not k or any(not part for part in k.split("."))]
+        if bad:
+            raise ValueError(
+                f"prefixes {bad} are not dotted parameter names (e.g. 'head', 'token_prompt')"
+            )
+        return v
 
 
 class AttackConfig(Block):
@@ -262,9 +286,9 @@ class EvaluateConfig(Block):
 class StreamConfig(Block):
     """The corruption stream of the stream_eval stage (CoTTA protocol by default)."""
 
-    protocol: Literal["continual", "gradual", "mixed", "reset_each_shift", "random_orders"] = (
-        "continual"
-    )
+    protocol: Literal[
+        "continual", "gradual", "mixed", "reset_each_shift", "random_orders", "correlated"
+    ] = "continual"
     severity: int = Field(5, ge=1, le=5)
     corruptions: list[str] | None = None
     split: Literal["test_base", "test_novel"] = "test_base"
@@ -273,6 +297,7 @@ class StreamConfig(Block):
     seed: int = 0
     shuffle: bool = True
     n_orders: int = Field(3, ge=1)
+    dirichlet: float = Field(0.1, gt=0, allow_inf_nan=False)
 
     @field_validator("corruptions")
     @classmethod
@@ -282,6 +307,246 @@ class StreamConfig(Block):
         bad = [c for c in v or [] if c not in CORRUPTIONS]
         if bad:
             raise ValueError(f"{bad} are not among {list(CORRUPTIONS)}")
+        return v
+
+
+STREAM_PROTOCOLS = (
+    "continual", "gradual", "mixed", "reset_each_shift", "random_orders", "correlated"
+)  # fmt: skip
+
+
+class AdaptMethodConfig(Block):
+    """One test-time adaptation method of the stream_adapt stage: ``method`` is a registered
+    adapter (``vpt_robust.methods.tta.ADAPTERS``: source, tent, cotta, vdp, vdp_dap_only,
+    vdp_dsp_only, vdp_no_homeostasis, tpt); every other field is an argument of the method,
+    validated by the method's own argument model here, so a bad argument stops before anything
+    runs. ``name`` names its results (default: the method)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptMethodConfig:
+        from vpt_robust.methods.tta import validate_adapter_args
+
+        validate_adapter_args(self.method, self.args)
+        if self.name is not None and not _SAFE_NAME.match(self.name):
+            raise ValueError(f"name: {self.name!r} must be letters, digits, '_', '.', '-'")
+        return self
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The method's arguments (every field but method/name)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class AdaptAttackConfig(Block):
+    """The adversarial stream of the stream_adapt stage: PGD (``norm``, ``eps``, ``steps``,
+    step ``alpha``, default 2.5 eps / steps) on every batch of the attacked ``segments`` (indices
+    into the first protocol's segments; null: all) against each method's CURRENT adapted state,
+    before that batch's adaptation step; ``methods``: the result names attacked (null: all)."""
+
+    enabled: bool = False
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: Eps = 1 / 255
+    steps: int = Field(5, ge=1)
+    alpha: Eps | None = None
+    segments: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4]
+    )
+    methods: list[str] | None = None
+    seed: int = 0
+
+
+class AdaptConfig(Block):
+    """The stream_adapt stage: every method in ``methods`` adapts online on the SAME corruption
+    streams, one per (protocol, seed); ``protocols[0]`` is the default protocol of
+    ``results``. The stream: ``severity``, ``corruptions`` (null: the standard 15),
+    ``n_per_segment`` samples per segment (null: the whole split), ``batch_size``, ``shuffle``,
+    ``n_orders`` (random_orders), ``dirichlet`` (correlated) as in the ``stream`` block. Its
+    images: ``data: embedded``, the ``split`` of outputs/prepare/splits.npz (``pretrain_test``:
+    the pretraining styles, where the source model is good), or ``data: cifar_c_files``, the
+    distributed CIFAR-10-C / CIFAR-100-C ``.npy`` files under ``files_root`` (a CLIP backbone
+    then needs ``class_names``). Per seed the stream's sample order and corruption noise and
+    every method's ``seed`` argument (unless set) follow the seed."""
+
+    methods: list[AdaptMethodConfig] = Field(
+        default_factory=lambda: [AdaptMethodConfig(method="source")], min_length=1
+    )
+    protocols: list[Literal[STREAM_PROTOCOLS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["continual"], min_length=1
+    )
+    severity: int = Field(3, ge=1, le=5)
+    corruptions: list[str] | None = None
+    n_per_segment: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    shuffle: bool = True
+    n_orders: int = Field(3, ge=1)
+    dirichlet: float = Field(0.1, gt=0, allow_inf_nan=False)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    data: Literal["embedded", "cifar_c_files"] = "embedded"
+    split: Literal["pretrain_test", "test_base", "test_novel"] = "pretrain_test"
+    files_root: str | None = None
+    class_names: list[str] | None = None
+    attack: AdaptAttackConfig = AdaptAttackConfig()
+
+    _known = field_validator("corruptions")(StreamConfig._known.__func__)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptConfig:
+        names = [m.label for m in self.methods]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapt.methods: names {dupes} repeat; give each entry its own `name`")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"adapt.protocols: {self.protocols} repeat a protocol")
+        if self.data == "cifar_c_files" and not self.files_root:
+            raise ValueError("adapt.files_root is required when adapt.data is 'cifar_c_files'")
+        a = self.attack
+        unknown = sorted(set(a.methods or []) - set(names))
+        if unknown:
+            raise ValueError(f"adapt.attack.methods: {unknown} are not among adapt.methods {names}")
+        if a.enabled and a.segments is not None:
+            n = self.n_segments(self.protocols[0])
+            bad = [s for s in a.segments if s >= n]
+            if bad:
+                raise ValueError(
+                    f"adapt.attack.segments: {bad} are past the {n} segments of the "
+                    f"{self.protocols[0]!r} stream (indices 0..{n - 1})"
+                )
+        return self
+
+    def n_segments(self, protocol: str) -> int:
+        """How many segments a stream of ``protocol`` has (what attack segments index)."""
+        from vpt_robust.corruptions import CORRUPTIONS
+        from vpt_robust.corruptions.streams import GRADUAL_SEVERITIES
+
+        n = len(self.corruptions or CORRUPTIONS)
+        if protocol == "mixed":
+            return 1
+        if protocol == "gradual":
+            return n * len(GRADUAL_SEVERITIES)
+        return n * self.n_orders if protocol == "random_orders" else n
+
+
+class ContinualConfig(Block):
+    """The continual stage (L2P, ``methods/continual.py``): a task sequence of the embedded
+    data, the methods run over it, their per-task training and the per-cell PGD attack.
+
+    ``sequence``: ``class_incremental`` (the pretraining styles' classes split into ``tasks``
+    equal tasks) or ``domain_incremental`` (one task per style, every class). Images come from
+    the pretraining styles outside ``pretrain_train`` (never seen by the backbone), drawn per
+    class with ``data_seed``. Training per task: AdamW (weight decay 0), constant ``lr``,
+    ``epochs`` per task, optimiser reset per task. The pool: ``pool_size`` prompts of
+    ``prompt_length`` tokens, ``top_n`` selected, ``pull_weight`` on the key-pull loss.
+    ``sequential_length`` null: VPT tokens matching the pool's learned values.
+    """
+
+    sequence: Literal["class_incremental", "domain_incremental"] = "class_incremental"
+    tasks: int = Field(5, ge=2)
+    n_train_per_class: int = Field(30, ge=1)
+    n_test_per_class: int = Field(20, ge=1)
+    data_seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    methods: list[Literal["l2p", "sequential", "joint", "zero_shot"]] = Field(
+        default_factory=lambda: ["l2p", "sequential", "joint", "zero_shot"], min_length=1
+    )
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    pool_size: int = Field(10, ge=1)
+    prompt_length: int = Field(2, ge=1)
+    top_n: int = Field(2, ge=1)
+    batchwise: bool = False
+    task_mask: bool = False
+    pull_weight: float = Field(0.1, ge=0)
+    sequential_length: int | None = Field(None, ge=1)
+    buffer_per_class: int = Field(0, ge=0)
+    eps: Eps = 1 / 255
+    attack_steps: int = Field(5, ge=0)
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> ContinualConfig:
+        if self.top_n > self.pool_size:
+            raise ValueError(f"continual.top_n: {self.top_n} must be <= pool_size {self.pool_size}")
+        return self
+
+
+class TeCoAConfig(Block):
+    """The tecoa stage (``methods/tecoa.py``): TeCoA on the embedded default's base classes in
+    the PRETRAINING styles, evaluated zero-shot on the novel classes, on the held-out styles and
+    on the training classes (``stages/tecoa.py``), against the zero-shot model, clean prompt
+    tuning, adversarial tuning without text and TeCoA fine-tuning of the image tower.
+
+    ``variants``: the TeCoA prompt families (token, padding, both), as ``prompts`` entries with
+    their own ``train`` overrides; ``train`` overrides the ``train`` block for every method.
+    Train attack: L-inf PGD ``train_eps`` / ``train_steps`` / ``train_alpha``, random start.
+    Evaluation: PGD-``eval_steps`` at every ``eval_eps`` (step ``alpha_factor * eps / steps``)
+    on ``n_test`` images per split, AutoAttack at ``autoattack_eps`` on a fixed subset of
+    ``autoattack_samples`` (seeded by ``autoattack_seed``), on the first seed, on the
+    ``autoattack_splits``. ``finetune: true``
+    adds TeCoA fine-tuning of the whole image tower (text frozen; ``finetune_train`` overrides),
+    the only method whose backbone weights train; its saved file records ``finetune: true``.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    n_train: int | None = Field(720, ge=1)
+    n_test: int | None = Field(200, ge=1)
+    data_seed: int = 0
+    train: dict[str, Any] = Field(default_factory=dict)
+    train_eps: Eps = 1 / 255
+    train_steps: int = Field(2, ge=1)
+    train_alpha: Eps = 1 / 255
+    random_start: bool = True
+    eval_eps: list[Eps] = Field(default_factory=lambda: [1 / 255, 4 / 255], min_length=1)
+    eval_steps: int = Field(100, ge=1)
+    alpha_factor: float = Field(2.5, gt=0)
+    autoattack: bool = True
+    autoattack_version: Literal["standard", "rand"] = "standard"
+    autoattack_eps: list[Eps] = Field(default_factory=lambda: [1 / 255])
+    autoattack_samples: int = Field(100, ge=1)
+    autoattack_seed: int = 0
+    autoattack_splits: list[Literal["novel", "heldout_styles", "base"]] = Field(
+        default_factory=lambda: ["novel", "heldout_styles", "base"]
+    )
+    variants: list[PromptConfig] = Field(
+        default_factory=lambda: [PromptConfig(kind="vpt", name="vpt", length=32)], min_length=1
+    )
+    clean_prompt: bool = True
+    no_text: bool = True
+    finetune: bool = True
+    finetune_train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("train", "finetune_train")
+    @classmethod
+    def _train_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = sorted(set(v) - (set(TrainConfig.model_fields) - {"seeds"}))
+        if bad:
+            raise ValueError(f"{bad} are not train fields")
+        try:
+            TrainConfig.model_validate(v)
+        except ValidationError as exc:
+            raise ValueError(_describe(exc.errors(include_url=False)[0])) from None
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[PromptConfig]) -> list[PromptConfig]:
+        names = [p.family_name("zero_shot") for p in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names {dupes} repeat; give each its own `name`")
+        bad = [n for n, p in zip(names, v, strict=True) if p.kind == "none" or p.head == "linear"]
+        if bad:
+            raise ValueError(f"{bad}: a TeCoA variant is a pixel/token prompt with the text head")
         return v
 
 
@@ -311,17 +576,24 @@ class Params(Block):
     backbone: BackboneConfig = BackboneConfig()
     pretrain: PretrainConfig = PretrainConfig()
     head: HeadConfig = HeadConfig()
-    prompt: PromptConfig = PromptConfig()
-    prompts: list[PromptConfig] = Field(default_factory=list)
+    prompts: list[PromptConfig] = Field(default_factory=lambda: [PromptConfig()])
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     stream: StreamConfig = StreamConfig()
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    tecoa: TeCoAConfig = Field(default_factory=TeCoAConfig)
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("prompts")
     @classmethod
     def _unique_families(cls, v: list[PromptConfig], info: ValidationInfo) -> list[PromptConfig]:
+        if not v:
+            raise ValueError(
+                "[] lists no prompt family; give at least one, such as [{kind: padding}] (the "
+                "zero-shot model is always evaluated as the baseline)"
+            )
         head = info.data["head"].kind if "head" in info.data else "zero_shot"
         idle = [i for i, p in enumerate(v) if p.kind == "none" and p.head_kind(head) != "linear"]
         if idle:
@@ -379,8 +651,27 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def _single_prompt_error(source: str, block: Any, prompts_from: list[str]) -> ConfigError:
+    """The error for a ``prompt:`` block: the families are the ``prompts`` list, and a lone
+    ``prompt`` next to it would be silently ignored (or silently win), so neither is allowed."""
+    where = ""
+    if prompts_from:
+        setters = ", ".join("it" if s == source else s for s in prompts_from)
+        where = f" ({setters} {'sets' if len(prompts_from) == 1 else 'set'} `prompts`)"
+    example = "[{kind: padding, pad_size: 30}]"
+    if isinstance(block, dict) and block:
+        example = yaml.safe_dump([block], default_flow_style=True, sort_keys=False).strip()
+    return ConfigError(
+        f"{source}: `prompt` is not a params block: the families the pipeline learns are the "
+        f"`prompts` list{where}. Write `prompts: {example}` instead of `prompt:` (a preset's "
+        "`prompts` replaces the whole list)"
+    )
+
+
 def validate(raw: dict[str, Any]) -> Params:
     """Validate a raw params dict; raise ConfigError listing every bad field."""
+    if "prompt" in raw:
+        raise _single_prompt_error("params", raw["prompt"], ["params"] if "prompts" in raw else [])
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -417,13 +708,34 @@ def load_params(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Params:
-    """params.yaml, then a preset, then explicit overrides, merged and validated."""
-    raw = _read_yaml(Path(params_file)) if Path(params_file).exists() or not preset else {}
+    """params.yaml, then a preset, then explicit overrides, merged and validated.
+
+    A ``prompt:`` block in any of them is an error naming the file it came from (and those that
+    set ``prompts``): merged, the two would make one of them silently take no effect."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if Path(params_file).exists() or not preset:
+        sources.append((_shown(Path(params_file)), _read_yaml(Path(params_file))))
     if preset:
-        raw = deep_merge(raw, _read_yaml(preset_path(preset)))
+        path = preset_path(preset)
+        sources.append((_shown(path), _read_yaml(path)))
     if overrides:
-        raw = deep_merge(raw, overrides)
-    return validate(raw)
+        sources.append(("the overrides (--set)", overrides))
+    prompts_from = [name for name, raw in sources if "prompts" in raw]
+    for name, raw in sources:
+        if "prompt" in raw:
+            raise _single_prompt_error(name, raw["prompt"], prompts_from)
+    merged: dict[str, Any] = {}
+    for _, raw in sources:
+        merged = deep_merge(merged, raw)
+    return validate(merged)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (shorter messages)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,13 +36,29 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """A tqdm progress bar on stderr, silenced with VPT_ROBUST_NO_PROGRESS=1 (tests, CI logs)."""
+    return iter(progress_bar(desc, total=total, iterable=iterable))
+
+
+def progress_bar(
+    desc: str, total: int | None, *, unit: str = "it", iterable: Iterable[T] | None = None
+) -> Any:
+    """A tqdm bar to advance by hand (`update(n)`, `set_postfix_str(text)`; close it, or use it
+    as a context manager), for work whose steps are not one loop: on stderr, redrawn rarely in
+    a log file, silenced with VPT_ROBUST_NO_PROGRESS=1 (tests, CI logs)."""
     from tqdm.auto import tqdm
 
     disable = os.environ.get("VPT_ROBUST_NO_PROGRESS", "") not in ("", "0")
     # In a log file (dvc repro, CI) every redraw is a new line: redraw rarely there.
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    bar = tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, mininterval=interval)
-    return iter(bar)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        disable=disable,
+        leave=False,
+        mininterval=interval,
+    )
 
 
 # glibc's mallopt parameters (malloc.h).

@@ -74,7 +74,16 @@ def elastic_transform(
 
     params = (alpha, sigma, jitter) in pixels: the three affine anchor points move by
     U(-jitter, jitter); the displacement is alpha * Gaussian_sigma(U(-1, 1)) per axis
-    (scipy "reflect" borders, truncate 3); resampling is bilinear with reflected borders.
+    (scipy "reflect" borders, truncate 3, reflected as often as a kernel wider than the image
+    needs); resampling is bilinear with reflected borders.
+
+    At 224 px this distorts more than `imagecorruptions` 1.1.2's elastic_transform, by
+    definition: ImageNet-C severities 1-2 are affine warps with anchor jitter up to 24 / 49 px
+    (plus a near-uniform shift from sigma 171 / 20 px), 3-5 a 4.9 px jitter plus 1-2 px of local
+    displacement, while the package has no affine part (sigma 1% of the side, field U(+-0.5% of
+    the side) x alpha 12.5..30: 1-2.4 px). Mean |out - clean| on 224 px photos is 3.4-4.2x the
+    package's at severities 1-2 and 1.1-1.5x at 3-5; ours equals make_imagenet_c.py's output
+    given the same draws (tests/test_corruption_fidelity.py).
     """
     b, _, h, w = x.shape
     jitter = torch.rand((b, 3, 2), generator=gen, device=x.device, dtype=torch.float32) * 2 - 1

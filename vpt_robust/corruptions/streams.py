@@ -17,6 +17,10 @@ Protocols (CoTTA; mariodoebler/test-time-adaptation, `test_time.py`):
                     together: consecutive samples come from different corruptions; one reset.
   random_orders     `n_orders` seeded random permutations of the corruptions, each run as a
                     continual stream; reset at the start of each order (each is its own run).
+  correlated        as continual, but the labels within each segment are not i.i.d.: every base
+                    sample appears once per segment, in a class order drawn from a Dirichlet
+                    with concentration `dirichlet` (default 0.1), so consecutive batches hold few
+                    classes (the anchor's "correlated" setting, after NOTE, Gong et al. 2022).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from vpt_robust.corruptions.registry import check_images, check_name_severity, corrupt
 from vpt_robust.corruptions.tables import CORRUPTIONS
 
-PROTOCOLS = ("continual", "gradual", "mixed", "reset_each_shift", "random_orders")
+PROTOCOLS = ("continual", "gradual", "mixed", "reset_each_shift", "random_orders", "correlated")
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 _RESET_POLICY = {
     "continual": "reset once before the first batch of the stream",
@@ -39,6 +43,7 @@ _RESET_POLICY = {
     "gradual": "reset once before the first batch of the stream",
     "mixed": "reset once before the first batch of the stream",
     "random_orders": "reset before the first batch of every order (each order is one run)",
+    "correlated": "reset once before the first batch of the stream",
 }
 
 
@@ -95,6 +100,10 @@ class GeneratedSource:
         y = self.labels.index_select(0, idx.to(self.labels.device)).to(self.device)
         out = corrupt(x, corruption, severity, seed=seed, table=self.table, check_values=False)
         return out, y
+
+    def base_labels(self) -> torch.Tensor:
+        """The labels of the base samples (what a correlated stream orders by), on the CPU."""
+        return self.labels.cpu()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -159,6 +168,60 @@ class StreamBatch:
     severities: torch.Tensor | None = None
 
 
+def dirichlet_order(
+    labels: np.ndarray, concentration: float, rng: np.random.Generator, *, max_tries: int = 100
+) -> np.ndarray:
+    """A permutation of ``range(len(labels))`` whose classes come in temporally correlated runs.
+
+    The sequence is cut into as many chunks as there are classes; each class's samples (in a
+    random order) are split over the chunks by proportions drawn from a symmetric Dirichlet of
+    ``concentration`` (small: a class lands in few chunks); a chunk that already holds its share
+    N / K takes no more, so chunks stay balanced. Draws repeat (at most ``max_tries``, from the
+    same seeded ``rng``) until every chunk holds at least ``min(10, N // (4 K))`` samples, as in
+    the anchor's NOTE-style sampler (which bounds the retries by wall time instead). Within a
+    chunk the classes come one after another in a random order.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = labels.shape[0]
+    classes = np.unique(labels)
+    k = len(classes)
+    min_chunk = min(10, n // (4 * k))
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+        sizes = np.zeros(k, dtype=np.int64)
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(k, concentration)) * (sizes < n / k)
+            if not np.isfinite(p).all() or p.sum() <= 0:
+                p = (sizes == sizes.min()).astype(float)
+            cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
+            for j, part in enumerate(np.split(idx, cuts)):
+                parts[j].append(part)
+                sizes[j] += len(part)
+        if sizes.min() >= min_chunk:
+            break
+    else:
+        raise ValueError(
+            f"dirichlet: no balanced class order with concentration {concentration} after "
+            f"{max_tries} draws; use a larger concentration"
+        )
+    order = [parts[j][i] for j in range(k) for i in rng.permutation(k)]
+    return np.concatenate(order)
+
+
+def _base_labels(source: CorruptionSource, corruption: str, severity: int, n: int) -> np.ndarray:
+    """Labels of the first ``n`` base samples: ``source.base_labels()`` where the source has it,
+    otherwise read once through ``fetch`` (labels do not depend on the corruption)."""
+    if callable(getattr(source, "base_labels", None)):
+        labels = source.base_labels()  # type: ignore[attr-defined]
+        return np.asarray(torch.as_tensor(labels).cpu().numpy()[:n])
+    out = []
+    for start in range(0, n, 1024):
+        idx = torch.arange(start, min(n, start + 1024))
+        out.append(source.fetch(corruption, severity, idx, 0)[1].cpu().numpy())
+    return np.concatenate(out)
+
+
 def _batch_seed(seed: int, segment: int, batch: int) -> int:
     state = np.random.SeedSequence([seed, segment, batch]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 30) ^ int(state[1]))
@@ -170,6 +233,8 @@ class CorruptionStream:
     n_per_segment: samples per (corruption, severity) segment (default: the whole source,
     e.g. 10,000 for CIFAR-10-C); the same base samples in every segment, in order unless
     shuffle=True (then a seeded permutation per segment). Batches never cross segments.
+    dirichlet: the concentration of the correlated protocol's class order (ignored otherwise;
+    a fresh seeded draw per segment, and `shuffle` does not apply).
     """
 
     def __init__(
@@ -184,6 +249,7 @@ class CorruptionStream:
         seed: int = 0,
         shuffle: bool = False,
         n_orders: int = 10,
+        dirichlet: float = 0.1,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
@@ -204,6 +270,8 @@ class CorruptionStream:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if protocol == "random_orders" and n_orders < 1:
             raise ValueError(f"n_orders: expected >= 1, got {n_orders}")
+        if not (isinstance(dirichlet, int | float) and np.isfinite(dirichlet) and dirichlet > 0):
+            raise ValueError(f"dirichlet: expected a finite number > 0, got {dirichlet!r}")
         self.source = source
         self.protocol = protocol
         self.corruptions = corruptions
@@ -213,11 +281,20 @@ class CorruptionStream:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.n_orders = int(n_orders) if protocol == "random_orders" else 1
+        self.dirichlet = float(dirichlet)
+        self._labels: np.ndarray | None = None
         self.segments: list[Segment] = self._build()
 
     # ------------------------------------------------------------------ plan
 
     def _indices(self, segment: int) -> tuple[int, ...]:
+        if self.protocol == "correlated":
+            if self._labels is None:
+                self._labels = _base_labels(
+                    self.source, self.corruptions[0], self.severity, self.n_per_segment
+                )
+            rng = np.random.default_rng([self.seed, segment, 1])
+            return tuple(int(i) for i in dirichlet_order(self._labels, self.dirichlet, rng))
         if not self.shuffle:
             return tuple(range(self.n_per_segment))
         rng = np.random.default_rng([self.seed, segment])
@@ -272,6 +349,7 @@ class CorruptionStream:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "dirichlet": self.dirichlet if self.protocol == "correlated" else None,
             "n_batches": len(self),
             "n_samples": sum(len(s.indices) for s in self.segments),
             "source": self.source.describe(),

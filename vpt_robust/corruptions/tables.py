@@ -3,7 +3,9 @@
 Two tables per corruption, one row per severity 1..5, with the numbers of the original
 generators in hendrycks/robustness: `make_cifar_c.py` (CIFAR-10-C, 32 px) and
 `make_imagenet_c.py` (ImageNet-C, 224 px). Parameters are in pixels of the image the table was
-made for; other sizes use the same pixel values (as the `imagecorruptions` package does).
+made for; other sizes use the same pixel values (as the `imagecorruptions` package does for all
+but elastic_transform, which it replaced by a variant scaled to the image size; ours keeps the
+original elastic definition and table, see `digital.elastic_transform`).
 
 Motion blur and snow use the ImageMagick `MotionBlurImage` parameters (radius, sigma); we
 implement that kernel directly, like `imagecorruptions` does, instead of calling ImageMagick.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -45,16 +46,58 @@ class NormalizedSGD(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser named by ``cfg.optimizer`` over ``params`` (one parameter group)."""
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def param_groups(
+    named: Sequence[tuple[str, torch.nn.Parameter]], scales: Mapping[str, float], lr: float
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: every parameter at ``lr * scale`` of the longest prefix in
+    ``scales`` that matches its name on whole dotted components (``head`` matches
+    ``head.fc.weight``, not ``headx``), ``lr`` when none does. One group per distinct scale, in
+    order of first appearance; each group carries its ``prefix`` (None: the default group)."""
+    if not named:
+        raise ValueError("no parameters to optimise")
+    unused = [p for p in scales if not any(_matches(n, p) for n, _ in named)]
+    if unused:
+        names = sorted({n.rsplit(".", 1)[0] for n, _ in named})
+        raise ValueError(
+            f"train.param_groups: prefixes {unused} match no trainable parameter "
+            f"(trainable: {names})"
+        )
+    groups: dict[str | None, dict[str, Any]] = {}
+    for name, param in named:
+        hits = [p for p in scales if _matches(name, p)]
+        prefix = max(hits, key=len) if hits else None
+        scale = 1.0 if prefix is None else float(scales[prefix])
+        group = groups.setdefault(prefix, {"params": [], "lr": lr * scale, "prefix": prefix})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter] | Sequence[tuple[str, torch.nn.Parameter]],
+    cfg: TrainConfig,
+) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.optimizer``. ``params``: plain parameters (one group, at
+    ``cfg.lr``) or ``(name, parameter)`` pairs, grouped by ``cfg.param_groups`` (see
+    ``param_groups``; NormalizedSGD then normalises each group's step on its own)."""
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        groups: list[Any] = param_groups(params, cfg.param_groups, cfg.lr)
+    elif cfg.param_groups:
+        raise ValueError("train.param_groups needs named parameters: pass (name, parameter) pairs")
+    else:
+        groups = params
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "normalized_sgd":
-        return NormalizedSGD(params, lr=cfg.lr)
+        return NormalizedSGD(groups, lr=cfg.lr)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"train.optimizer: {cfg.optimizer!r} is not one of sgd, adamw, normalized_sgd")
 
 
@@ -64,6 +107,27 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     span = max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def constant_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then 1 (``total`` unused; same signature)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+    "cosine": cosine_with_warmup,
+    "constant": constant_with_warmup,
+}
+
+
+def lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """The ``LambdaLR`` factor of ``schedule`` (``cosine`` | ``constant``) over ``total`` steps."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule: {schedule!r} is not one of {sorted(SCHEDULES)}")
+    fn = SCHEDULES[schedule]
+    return lambda step: fn(step, total, warmup)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

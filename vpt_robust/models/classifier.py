@@ -23,6 +23,13 @@ class PromptedClassifier(nn.Module):
 
     Training, attacks and evaluation only call ``forward``; they never need to know which prompts
     are plugged in. Only the prompts and (for a linear head) the head hold trainable parameters.
+
+    Input-dependent token prompts (L2P's pool) set ``needs_query = True``: before encoding,
+    ``forward`` computes the query, the frozen model's feature of the image without any
+    prompt (``query``; once per forward, no gradient), and calls the prompt's
+    ``prepare(query)``. Auxiliary losses (L2P's key pull) reach a training objective through
+    ``auxiliary_losses()``: after a forward it returns every prompt's losses of that forward
+    (an objective adds them; the trainer never sees prompts).
     ``spec`` records the prompt and head configs the classifier was built from (what a saved
     prompt needs to rebuild it), ``class_names`` the classes of its logits.
     """
@@ -46,6 +53,8 @@ class PromptedClassifier(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected shape (B, 3, H, W), got {tuple(images.shape)}")
         x = self.backbone.resize(images)
+        if getattr(self.token_prompt, "needs_query", False):
+            self.token_prompt.prepare(self._query_resized(x))
         space = getattr(self.pixel_prompt, "space", "normalized")
         if self.pixel_prompt is not None and space == "raw":
             x = self.pixel_prompt(x)
@@ -53,6 +62,28 @@ class PromptedClassifier(nn.Module):
         if self.pixel_prompt is not None and space != "raw":
             x = self.pixel_prompt(x)
         return self.head(self.backbone.encode_image(x, token_prompt=self.token_prompt))
+
+    def _query_resized(self, resized: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone.encode_image(self.backbone.standardize(resized)).detach()
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen model's features of [0,1] ``images`` without any prompt (pixel or token):
+        the query an input-dependent prompt selects by; no gradient."""
+        return self._query_resized(self.backbone.resize(images))
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """The prompts' auxiliary losses of the last forward (``{}`` for plain prompts), e.g.
+        ``{"key_pull": ...}`` for an L2P pool; names are unique across prompts."""
+        out: dict[str, torch.Tensor] = {}
+        for module in (self.pixel_prompt, self.token_prompt):
+            losses = getattr(module, "auxiliary_losses", None)
+            if callable(losses):
+                for name, value in losses().items():
+                    if name in out:
+                        raise ValueError(f"auxiliary loss {name!r} reported by two prompts")
+                    out[name] = value
+        return out
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         """The tensors that training changed (prompts, linear head): what gets saved."""

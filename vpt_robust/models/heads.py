@@ -4,7 +4,6 @@ text features from a learned CoOp context) and a linear head."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +49,14 @@ class LinearHead(nn.Module):
 class ContextTextHead(nn.Module):
     """CLIP's zero-shot head whose class text features come from a learned context (CoOp).
 
-    In training mode the text features are recomputed at every forward (gradients reach the
-    context). In eval mode they are computed once without gradients and cached until the context
-    changes: the cache is keyed on the context tensor's version counter, which every in-place
-    update (an optimiser step, loading a saved context) bumps, and on its device and dtype.
+    Whether the text features carry a gradient follows torch's grad mode, not ``training``:
+    when grad is enabled and the context requires grad they are recomputed at every forward with
+    the graph (prompt tuning, and test-time tuning of the context with the model in eval mode,
+    TPT). Otherwise (``torch.no_grad()``, or a frozen context) they are computed once without a
+    graph and cached until the context changes. The cache is keyed on the context's content (a
+    private copy compared with ``torch.equal``; the context is small), its device and dtype, so
+    every way of changing it invalidates the cache: an optimiser step, ``load_state_dict``,
+    ``copy_``, and writes through ``.data``, which do not bump the version counter.
     """
 
     def __init__(self, backbone: Backbone, context: nn.Module) -> None:
@@ -62,27 +65,36 @@ class ContextTextHead(nn.Module):
         # Not a submodule: the classifier owns the backbone; the head only calls its text tower.
         self.__dict__["_backbone"] = backbone
         self.register_buffer("logit_scale", backbone.logit_scale.detach().float().clone())
-        self._cache: tuple[Any, torch.Tensor] | None = None
+        # (copy of the context the features were computed from, features); not in state_dict.
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
         return int(self.context.num_classes)
 
-    def _key(self) -> tuple[Any, ...]:
-        ctx = self.context.ctx
-        return (ctx._version, ctx.data_ptr(), ctx.device, ctx.dtype)
+    def _cache_hit(self, ctx: torch.Tensor) -> bool:
+        if self._cache is None:
+            return False
+        seen = self._cache[0]
+        return (
+            seen.device == ctx.device
+            and seen.dtype == ctx.dtype
+            and seen.shape == ctx.shape
+            and torch.equal(seen, ctx.detach())
+        )
 
     def text_features(self) -> torch.Tensor:
         """Normalised class text features ``(C, D)`` for the current context."""
         backbone = self.__dict__["_backbone"]
-        if self.training:
-            self._cache = None
+        ctx = self.context.ctx
+        if torch.is_grad_enabled() and ctx.requires_grad:
             return F.normalize(self.context(backbone).float(), dim=-1)
-        key = self._key()
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+        if not self._cache_hit(ctx):
+            # Outside inference mode, so that the cached features may later meet tensors that
+            # require grad (an attack on the image under a frozen context).
+            with torch.inference_mode(False), torch.no_grad():
                 feats = F.normalize(self.context(backbone).float(), dim=-1)
-            self._cache = (key, feats)
+                self._cache = (ctx.detach().clone(), feats)
         return self._cache[1]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,13 @@ Where the prompts go (VPT, Jia et al. 2022; KMnP/vpt ``src/models/vit_prompt/vit
 - The prompt tokens are dropped again before the final norm and pooling, so a tower that
   average-pools its patch tokens pools the same tokens as without prompts (class-token towers
   are unaffected either way: the prompts act through attention only).
+- Readout: a prompt with ``readout = "prompts"`` (L2P's ``prompt`` head type) makes the feature
+  the mean of the prompt tokens' outputs after the tower's final per-token norm, then the
+  tower's own projection where it has one (open_clip ``proj``; timm ``fc_norm`` and, for
+  ``TimmModel``, its projection head), so the feature keeps the pooled feature's dimension.
+  Any other prompt (``readout`` absent or ``"pool"``) keeps the tower's pooling.
+- Input-dependent prompts (L2P's pool) choose their tokens from a query before the forward:
+  ``PromptedClassifier`` calls their ``prepare(query)``; this module only asks for tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +51,14 @@ class TokenPrompt(Protocol):
     def layer_tokens(self, layer: int, batch: int) -> torch.Tensor | None:
         """Fresh prompt tokens ``(batch, length, width)`` entering block ``layer``, or None to
         keep the current prompt slots (layer 0 must return tokens)."""
+
+
+def prompt_readout(prompt: TokenPrompt) -> str:
+    """``"prompts"`` (mean of the prompt tokens' outputs) or ``"pool"`` (the tower's pooling)."""
+    readout = getattr(prompt, "readout", "pool")
+    if readout not in ("pool", "prompts"):
+        raise ValueError(f"token prompt: readout {readout!r} is not one of 'pool', 'prompts'")
+    return readout
 
 
 @dataclass(frozen=True)
@@ -126,15 +141,22 @@ def _check_tokens(p: torch.Tensor | None, layer: int, batch: int, length: int, w
         )
 
 
+def _call_block(blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return blk(h)
+
+
 def run_prompted_blocks(
     blocks: list[nn.Module] | nn.ModuleList,
     x: torch.Tensor,
     prompt: TokenPrompt,
     n_prefix: int,
-    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda blk, h: blk(h),
+    call: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call_block,
+    *,
+    keep_prompts: bool = False,
 ) -> torch.Tensor:
     """Insert the prompt before block 0, replace its slots where a layer has fresh tokens, run
-    every block, and return the sequence without the prompt tokens."""
+    every block, and return the sequence without the prompt tokens (with them, at positions
+    ``n_prefix .. n_prefix + length - 1``, if ``keep_prompts``)."""
     batch, _, width = x.shape
     for i, blk in enumerate(blocks):
         p = prompt.layer_tokens(i, batch)
@@ -144,7 +166,11 @@ def run_prompted_blocks(
         elif p is not None:
             x = _replace(x, p, n_prefix)
         x = call(blk, x)
-    return _strip(x, prompt.length, n_prefix)
+    return x if keep_prompts else _strip(x, prompt.length, n_prefix)
+
+
+def _prompt_slots(x: torch.Tensor, prompt: TokenPrompt, n_prefix: int) -> torch.Tensor:
+    return x[:, n_prefix : n_prefix + prompt.length]
 
 
 def _open_clip_features(tower: nn.Module, x: torch.Tensor, prompt: TokenPrompt) -> torch.Tensor:
@@ -156,21 +182,40 @@ def _open_clip_features(tower: nn.Module, x: torch.Tensor, prompt: TokenPrompt) 
             return blk(h, attn_mask=None)
         return blk(h.transpose(0, 1), attn_mask=None).transpose(0, 1)
 
-    x = run_prompted_blocks(tower.transformer.resblocks, x, prompt, 1, call)
-    pooled, _ = tower._pool(x)
+    if prompt_readout(prompt) == "prompts":
+        if tower.attn_pool is not None:
+            raise PromptedForwardError(
+                "readout 'prompts' needs a tower without attention pooling (open_clip attn_pool)"
+            )
+        x = run_prompted_blocks(tower.transformer.resblocks, x, prompt, 1, call, keep_prompts=True)
+        pooled = tower.ln_post(_prompt_slots(x, prompt, 1)).mean(dim=1)
+    else:
+        x = run_prompted_blocks(tower.transformer.resblocks, x, prompt, 1, call)
+        pooled, _ = tower._pool(x)
     if tower.proj is not None:
         pooled = pooled @ tower.proj
     return pooled
 
 
-def _timm_tokens(trunk: nn.Module, x: torch.Tensor, prompt: TokenPrompt) -> torch.Tensor:
+def _timm_tokens(
+    trunk: nn.Module, x: torch.Tensor, prompt: TokenPrompt, keep_prompts: bool = False
+) -> torch.Tensor:
     """timm ``forward_features`` with prompts: the final-normed token sequence."""
     x = trunk.patch_embed(x)
     x = trunk._pos_embed(x)
     x = trunk.patch_drop(x)
     x = trunk.norm_pre(x)
-    x = run_prompted_blocks(trunk.blocks, x, prompt, trunk.num_prefix_tokens)
+    x = run_prompted_blocks(
+        trunk.blocks, x, prompt, trunk.num_prefix_tokens, keep_prompts=keep_prompts
+    )
     return trunk.norm(x)
+
+
+def _timm_prompt_head(trunk: nn.Module, tokens: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+    """timm ``forward_head`` with the mean of the prompt tokens in place of the pooling."""
+    x = trunk.fc_norm(tokens.mean(dim=1))
+    x = trunk.head_drop(x)
+    return x if pre_logits else trunk.head(x)
 
 
 def prompted_image_features(
@@ -187,6 +232,12 @@ def prompted_image_features(
     family, tower = _tower(image_model)
     if family == "open_clip":
         return _open_clip_features(tower, x, prompt)
+    if prompt_readout(prompt) == "prompts":
+        tokens = _timm_tokens(tower, x, prompt, keep_prompts=True)
+        slots = _prompt_slots(tokens, prompt, tower.num_prefix_tokens)
+        if isinstance(image_model, TimmModel):
+            return image_model.head(_timm_prompt_head(tower, slots, pre_logits=False))
+        return _timm_prompt_head(tower, slots, pre_logits)
     tokens = _timm_tokens(tower, x, prompt)
     if isinstance(image_model, TimmModel):
         return image_model.head(tower.forward_head(tokens))

@@ -2,13 +2,21 @@
 
 Each family is one file that registers itself with ``@register_prompt(kind, Args, place=...)``
 (``registry.py``); importing it here makes it available to configs. Places: ``pixel``
-(``pixel.py``: padding, EVP), ``tokens`` (``tokens.py``: VPT), ``text`` (``text.py``: CoOp).
+(``pixel.py``: padding, EVP), ``tokens`` (``tokens.py``: VPT; ``pool.py``: L2P's pool), ``text``
+(``text.py``: CoOp).
 """
 
 from __future__ import annotations
 
-from vpt_robust.prompts import pixel, text, tokens  # noqa: F401  (each registers its families)
+from vpt_robust.prompts import (  # noqa: F401  (each registers its families)
+    domain,
+    pixel,
+    pool,
+    text,
+    tokens,
+)
 from vpt_robust.prompts.pixel import EVPPrompt, PaddingPrompt
+from vpt_robust.prompts.pool import PromptPool
 from vpt_robust.prompts.registry import (
     PROMPTS,
     PromptArgs,
@@ -26,6 +34,7 @@ __all__ = [
     "CoOpContext",
     "EVPPrompt",
     "PaddingPrompt",
+    "PromptPool",
     "PromptArgs",
     "PromptTarget",
     "VPTPrompt",

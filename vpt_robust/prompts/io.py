@@ -9,6 +9,7 @@ classifier from them alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -78,11 +79,18 @@ class ClassMismatchError(PromptMismatchError):
 
 
 def save_prompted_model(
-    path: str | Path, model: PromptedClassifier, *, extra: dict[str, Any] | None = None
+    path: str | Path,
+    model: PromptedClassifier,
+    *,
+    extra: dict[str, Any] | None = None,
+    finetune: bool = False,
 ) -> tuple[Path, Path]:
     """Save ``model``'s learned tensors and everything needed to rebuild it (see module doc).
 
     ``extra`` (e.g. ``{"train": ..., "seed": 0, "summary": ...}``) is stored alongside.
+    ``finetune=True`` (TeCoA's fine-tune baseline) saves trained image-tower weights too and
+    records ``"finetune": true``; trained backbone weights without it are refused, never saved
+    silently.
     """
     backbone = model.backbone
     if not model.spec:
@@ -91,8 +99,17 @@ def save_prompted_model(
             "vpt_robust.models.classifier.build_classifier so that it can be rebuilt"
         )
     tensors = model.learned_state()
+    tower = sorted(k for k in tensors if k.startswith("backbone."))
+    if tower and not finetune:
+        raise ValueError(
+            f"backbone weights are trainable ({tower[:3]}...): pass finetune=True to save a "
+            "fine-tuned image tower (recorded in the file), or freeze the backbone"
+        )
+    if finetune and not tower:
+        raise ValueError("finetune=True but the model has no trained backbone weights")
     metadata = {
         **(extra or {}),
+        **({"finetune": True} if finetune else {}),
         "format": FORMAT,
         "prompt": model.spec["prompt"],
         "head": model.spec["head"],
@@ -133,7 +150,8 @@ def load_prompted_model(
     ``PromptMismatchError``. ``class_names`` (default: the saved ones) lets a prompt that is
     not bound to its classes (pixel or token prompts with the zero-shot head, a shared CoOp
     context) classify other classes, e.g. held-out ones; a class-bound one is refused with
-    ``ClassMismatchError``.
+    ``ClassMismatchError``. A file saved with ``finetune=True`` loads its image-tower weights
+    into a private copy of ``backbone`` (the given one stays as it was).
     """
     from vpt_robust.config import BackboneConfig, HeadConfig, PromptConfig
     from vpt_robust.models.backbone import load_backbone
@@ -163,6 +181,11 @@ def load_prompted_model(
                 f"found from {Path.cwd()}; run from the project root or pass checkpoint="
             )
         backbone = load_backbone(cfg, device)
+    elif metadata.get("finetune") is True:
+        backbone = copy.deepcopy(backbone)  # the fine-tuned weights go into a private copy
+    if metadata.get("finetune") is True:
+        # A TeCoA fine-tune: the image tower's weights are among the saved tensors.
+        backbone.image_model.requires_grad_(True)
     tensors, metadata = load_prompt_state(path, expected_identity=backbone.identity)
     if metadata.get("image_size") != backbone.image_size:
         raise PromptMismatchError(

@@ -28,8 +28,10 @@ class VPTPrompt(nn.Module):
 
     Initialisation is VPT's: U(-v, v) with v = sqrt(6 / (3 * patch^2 + width)) (Xavier-uniform
     for a patch projection); ``patch_size`` is the tower's patch size, or for a convolutional
-    stem its total stride (4 px on the embedded tiny CLIP). Prompt dropout applies in training
-    (VPT uses 0.1 for deep prompts; ``dropout=None`` picks 0.1 for deep and 0 for shallow).
+    stem its total stride, as ``vit_geometry`` reads it: 8 px on the embedded tiny CLIP (a
+    stride-1 conv, two stride-2 convs and a stride-2 projection; 4 x 4 = 16 tokens at 32 px).
+    Prompt dropout applies in training (VPT uses 0.1 for deep prompts; ``dropout=None`` picks
+    0.1 for deep and 0 for shallow).
     """
 
     place = "tokens"

@@ -19,8 +19,8 @@ def backbone_for(params: Params, device: torch.device) -> Backbone:
 
 
 def families(params: Params) -> list[PromptConfig]:
-    """The prompt families the pipeline learns: ``prompts`` if given, else the one ``prompt``."""
-    return list(params.prompts) or [params.prompt]
+    """The prompt families the pipeline learns, in report order: the ``prompts`` list."""
+    return list(params.prompts)
 
 
 def family_name(params: Params, family: PromptConfig) -> str:

@@ -1,10 +1,13 @@
 """evaluate: clean, PGD (eps sweep) and AutoAttack robust accuracy of the zero-shot model and of
 the learned prompts, on the target style's base (trained) and novel (held-out) classes, over all
-seeds. Per-sample flags are saved so runs can be compared sample by sample."""
+seeds. AutoAttack runs on a fixed subset; PGD is reported on that same subset beside it, so the
+two compare. outputs/evaluate always holds the subset's indices and a manifest; per-sample flags
+(flags.csv) too when `save_flags`, so runs can be compared sample by sample."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +72,14 @@ def evaluation_models(
 
 
 def metric_names(params: Params) -> list[str]:
-    """The evaluation's columns in order: clean, PGD at each eps, AutoAttack at each eps."""
+    """The evaluation's columns in order: clean, PGD at each eps (all samples), then per
+    AutoAttack eps PGD on the AutoAttack subset and AutoAttack (same samples, side by side)."""
     attack, aa = params.evaluate.attack, params.evaluate.autoattack
     names = ["clean"] + [f"pgd_{attack.norm}_{eps_label(e, attack.norm)}" for e in attack.eps]
     if aa.enabled:
-        names += [f"autoattack_{attack.norm}_{eps_label(e, attack.norm)}" for e in aa.eps]
+        for e in aa.eps:
+            label = f"{attack.norm}_{eps_label(e, attack.norm)}"
+            names += [f"pgd_subset_{label}", f"autoattack_{label}"]
     return names
 
 
@@ -82,6 +88,11 @@ def autoattack_subset(n: int, params: Params) -> torch.Tensor:
     cfg = params.evaluate.autoattack
     gen = torch.Generator().manual_seed(cfg.subset_seed)
     return torch.randperm(n, generator=gen)[: min(n, cfg.n_samples)].sort().values
+
+
+def _global_subset(split_index: torch.Tensor, params: Params) -> list[int]:
+    """The AutoAttack subset of one split as global sample indices (as flags.csv has them)."""
+    return split_index[autoattack_subset(len(split_index), params)].tolist()
 
 
 def evaluate_model(
@@ -125,6 +136,29 @@ def evaluate_model(
     if run_autoattack and aa.enabled:
         subset = autoattack_subset(len(labels), params)
         for eps in aa.eps:
+            label = f"{attack.norm}_{eps_label(eps, attack.norm)}"
+            done = [r for r in pgd_results if abs(r.eps - eps) <= 1e-9]
+            if done:
+                # PGD's flags do not depend on the batch: the sweep's flags on the subset are
+                # exactly what PGD on the subset alone would give.
+                pgd_subset = done[0].robust_correct[subset]
+            else:
+                result = robust_accuracy(
+                    model,
+                    (x[subset], labels[subset]),
+                    eps=eps,
+                    alpha=attack.alpha_factor * eps / attack.steps,
+                    steps=attack.steps,
+                    norm=attack.norm,
+                    restarts=attack.restarts,
+                    batch_size=bs,
+                    device=device,
+                    amp_dtype=amp,
+                    seed=seed,
+                )
+                pgd_subset = result.robust_correct
+                flags += _flag_rows(result, "pgd", eps, global_index[subset])
+            out[f"pgd_subset_{label}"] = float(pgd_subset.float().mean())
             result = autoattack(
                 model,
                 x[subset],
@@ -138,7 +172,7 @@ def evaluate_model(
                 seed=seed,
                 amp_dtype=amp,
             )
-            out[f"autoattack_{attack.norm}_{eps_label(eps, attack.norm)}"] = result.robust_accuracy
+            out[f"autoattack_{label}"] = result.robust_accuracy
             flags += _flag_rows(result, result.attack, eps, global_index[subset])
     return out, flags
 
@@ -167,6 +201,43 @@ def _write_flags(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=FLAG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_outputs(
+    out_dir: Path,
+    params: Params,
+    subsets: dict[str, list[int]],
+    flags: list[dict[str, Any]],
+) -> list[Path]:
+    """Write the stage's dvc out, whatever `save_flags` says: the AutoAttack subset (global
+    sample indices per class split), flags.csv when `save_flags`, and a manifest naming each
+    file with its sha256. Content depends on the inputs only (no times), so two runs of the
+    same inputs write identical bytes. Returns the files written, manifest last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    aa = params.evaluate.autoattack
+    subset_file = write_json(
+        out_dir / "autoattack_subset.json",
+        {
+            "n_samples": aa.n_samples,
+            "subset_seed": aa.subset_seed,
+            "enabled": aa.enabled,
+            "indices": {split: list(map(int, idx)) for split, idx in subsets.items()},
+        },
+    )
+    files = [subset_file]
+    flag_file = out_dir / "flags.csv"
+    if params.evaluate.save_flags:
+        _write_flags(flag_file, flags)
+        files.append(flag_file)
+    else:
+        flag_file.unlink(missing_ok=True)  # a stale one from an earlier run would mislead
+    manifest = {
+        "save_flags": params.evaluate.save_flags,
+        "flag_rows": len(flags) if params.evaluate.save_flags else None,
+        "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+    }
+    files.append(write_json(out_dir / "manifest.json", manifest))
+    return files
 
 
 def run(params: Params, run: StageRun) -> dict[str, Any]:
@@ -223,10 +294,10 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         writer.writerows(plot_rows)
     run.log_table(plot_rows, "robustness_curve.json")
     run.log_artifact(plot)
-    if params.evaluate.save_flags:
-        flag_file = layout.outputs / "evaluate" / "flags.csv"
-        _write_flags(flag_file, flags)
-        run.log_artifact(flag_file)
+    aa = params.evaluate.autoattack
+    subsets = {s: _global_subset(splits[split_specs[s][0]], params) for s in aa.splits}
+    for path in write_outputs(layout.outputs / "evaluate", params, subsets, flags):
+        run.log_artifact(path)
     out = {
         "attack": attack.model_dump(),
         "autoattack": params.evaluate.autoattack.model_dump(),

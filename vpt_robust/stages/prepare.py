@@ -28,7 +28,8 @@ def make_splits(params: Params) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if data.images.shape[-1] != cfg.image_size:
         raise ValueError(
             f"data.image_size: params say {cfg.image_size} but {Layout.of(params).data} holds "
-            f"{data.images.shape[-1]} px images; run `vpt-robust data materialize` again"
+            f"{data.images.shape[-1]} px images; rebuild them with `vpt-robust data --force` "
+            f"(then `dvc add {Layout.of(params).data}` and commit its .dvc file)"
         )
     gen = torch.Generator().manual_seed(cfg.seed)
     style_ids = {name: i for i, name in enumerate(data.style_names)}

@@ -31,12 +31,32 @@ def pgd_keys(attack: dict[str, Any]) -> list[str]:
     ]
 
 
+def column_title(key: str, evaluation: dict[str, Any]) -> str:
+    """A metric key as a reader sees it: `pgd_Linf_4/255` -> `PGD-10 4/255`; AutoAttack and
+    PGD on AutoAttack's subset carry `@subset`, so no one compares them with PGD on all."""
+    if key == "clean":
+        return "clean"
+    steps = evaluation.get("attack", {}).get("steps")
+    pgd = f"PGD-{steps}" if steps else "PGD"
+    for prefix, title in (
+        ("pgd_subset_", f"{pgd}@subset"),
+        ("autoattack_", "AutoAttack@subset"),
+        ("pgd_", pgd),
+    ):
+        if key.startswith(prefix):
+            norm, _, eps = key[len(prefix) :].partition("_")
+            return f"{title} {eps}" if norm == "Linf" else f"{title} {norm} {eps}"
+    return key
+
+
 def headline_table(evaluation: dict[str, Any]) -> str:
-    """Markdown: one row per (model, class split), one column per metric."""
+    """Markdown: one row per (model, class split), one column per metric; AutoAttack's columns
+    come in pairs, PGD and AutoAttack on the same subset side by side."""
     results = evaluation["results"]
     columns = evaluation["metrics"]
+    titles = [column_title(c, evaluation) for c in columns]
     lines = [
-        "| model | classes | " + " | ".join(columns) + " |",
+        "| model | classes | " + " | ".join(titles) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
     for model, by_split in results.items():
@@ -47,17 +67,63 @@ def headline_table(evaluation: dict[str, Any]) -> str:
 
 
 def stream_table(stream: dict[str, Any]) -> str:
-    """Markdown: one row per model, error (%) per stream position, then the mean."""
+    """Markdown: one row per stream position (the corruption's full name and severity), one
+    column per model with its error (%), then the mean over the stream (mean ± std over seeds)."""
     results = stream["results"]
-    first = next(iter(results.values()))["stream"]
-    heads = [f"{r['corruption'][:8]}:{r['severity']}" for r in first]
+    models = list(results)
+    first = results[models[0]]["stream"]
     lines = [
-        "| model | " + " | ".join(heads) + " | mean |",
-        "| --- | " + " | ".join("---:" for _ in heads) + " | ---: |",
+        "| # | domain | severity | " + " | ".join(models) + " |",
+        "| ---: | --- | ---: | " + " | ".join("---:" for _ in models) + " |",
     ]
-    for model, res in results.items():
-        cells = " | ".join(f"{100 * r['error']:.1f}" for r in res["stream"])
-        lines.append(f"| {model} | {cells} | {_pct(res['mean_error'])} |")
+    for i, row in enumerate(first):
+        cells = " | ".join(f"{100 * results[m]['stream'][i]['error']:.1f}" for m in models)
+        lines.append(f"| {i + 1} | {row['corruption']} | {row['severity']} | {cells} |")
+    means = " | ".join(_pct(results[m]["mean_error"]) for m in models)
+    lines.append(f"| | **mean** | | {means} |")
+    return "\n".join(lines)
+
+
+def tecoa_table(tecoa: dict[str, Any]) -> str:
+    """Markdown: one row per (method, split) of the zero-shot robustness protocol."""
+    columns = tecoa["metrics"]
+    titles = [
+        column_title(c, {"attack": tecoa.get("eval_attack", {}).get("attack", {})}) for c in columns
+    ]
+    lines = [
+        "| method | split | " + " | ".join(titles) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for method, by_split in tecoa["results"].items():
+        for split, metrics in by_split.items():
+            cells = [_pct(metrics[c]) if c in metrics else "" for c in columns]
+            lines.append(f"| {method} | {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _attack_text(attack: dict[str, Any]) -> str:
+    """``{eps, steps, norm, ...}`` -> ``PGD-2 Linf eps 4/255``."""
+    norm = attack.get("norm", "Linf")
+    return f"PGD-{attack.get('steps')} {norm} eps {eps_label(float(attack.get('eps', 0)), norm)}"
+
+
+CONTINUAL_METRICS = (
+    "average_accuracy",
+    "forgetting",
+    "robust_average_accuracy",
+    "robust_forgetting",
+)
+
+
+def continual_table(continual: dict[str, Any]) -> str:
+    """Markdown: one row per continual-learning method, the four sequence metrics (%)."""
+    lines = [
+        "| method | " + " | ".join(m.replace("_", " ") for m in CONTINUAL_METRICS) + " |",
+        "| --- | " + " | ".join("---:" for _ in CONTINUAL_METRICS) + " |",
+    ]
+    for method, metrics in continual["results"].items():
+        cells = [_pct(metrics[m]) for m in CONTINUAL_METRICS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -93,12 +159,15 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     pretrain = _read(layout, "pretrain")
     evaluation = _read(layout, "evaluate")
     stream = _read(layout, "stream_eval")
+    tecoa = _read(layout, "tecoa")
+    continual = _read(layout, "continual")
     table = headline_table(evaluation)
     aa = evaluation["autoattack"]
     aa_note = (
-        f"AutoAttack ({aa['version']}{', fast torchattacks mode' if aa['fast'] else ''}) ran on a "
-        f"fixed subset of {aa['n_samples']} samples of the {'/'.join(aa['splits'])} "
-        "classes, for the first seed only."
+        f"@subset columns: AutoAttack ({aa['version']}"
+        f"{', fast torchattacks mode' if aa['fast'] else ''}) and, beside it, PGD on the same "
+        f"fixed subset of {aa['n_samples']} samples of the {'/'.join(aa['splits'])} classes, "
+        "first seed only (compare AutoAttack with that PGD column, not with PGD on all samples)."
         if aa["enabled"]
         else "AutoAttack disabled."
     )
@@ -122,9 +191,21 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             aa_note,
             "",
             f"Corruption stream ({stream['stream']['protocol']}, source models, no adaptation): "
-            "error (%) per domain in stream order, mean ± std over seeds:",
+            "error (%) per domain in stream order (mean over seeds), and the mean over the "
+            "stream (mean ± std over seeds):",
             "",
             stream_table(stream),
+            "",
+            f"Zero-shot adversarial robustness (TeCoA; trained on the base classes in the "
+            f"pretraining styles, train attack {_attack_text(tecoa['train_attack'])}), accuracy (%), mean ± std over "
+            f"seeds {tecoa['seeds']}:",
+            "",
+            tecoa_table(tecoa),
+            "",
+            f"Class-incremental continual learning ({len(continual['sequence']['tasks'])} tasks, "
+            f"no task id at test), fractions as %, mean ± std over seeds {continual['seeds']}:",
+            "",
+            continual_table(continual),
             "",
         ]
     )

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from vpt_robust.config import Params
+from vpt_robust.config import AdaptConfig, Params, StreamConfig
 from vpt_robust.corruptions import CorruptionStream
-from vpt_robust.corruptions.streams import GeneratedSource
+from vpt_robust.corruptions.streams import CorruptionSource, GeneratedSource
 from vpt_robust.data.embedded import load_embedded
 from vpt_robust.metrics import as_float_images, mean_std
 from vpt_robust.stages.build import backbone_for
@@ -21,24 +21,39 @@ from vpt_robust.tracking import StageRun
 from vpt_robust.utils import progress
 
 
+def make_stream(
+    source: CorruptionSource,
+    settings: StreamConfig | AdaptConfig,
+    *,
+    protocol: str,
+    seed: int,
+) -> CorruptionStream:
+    """The stream of ``protocol`` and ``seed`` over ``source`` with the shape settings of a
+    ``stream`` or ``adapt`` block (severity, corruptions, n_per_segment, batch size, shuffle,
+    n_orders, dirichlet): the one builder of stream_eval and stream_adapt."""
+    kwargs: dict[str, Any] = {}
+    if settings.corruptions:
+        kwargs["corruptions"] = settings.corruptions
+    return CorruptionStream(
+        source,
+        protocol,
+        severity=settings.severity,
+        n_per_segment=settings.n_per_segment,
+        batch_size=settings.batch_size,
+        seed=seed,
+        shuffle=settings.shuffle,
+        n_orders=settings.n_orders,
+        dirichlet=settings.dirichlet,
+        **kwargs,
+    )
+
+
 def build_stream(
     params: Params, images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> CorruptionStream:
     cfg = params.stream
-    kwargs: dict[str, Any] = {}
-    if cfg.corruptions:
-        kwargs["corruptions"] = cfg.corruptions
-    return CorruptionStream(
-        GeneratedSource(as_float_images(images), labels, device=device),
-        cfg.protocol,
-        severity=cfg.severity,
-        n_per_segment=cfg.n_per_segment,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        n_orders=cfg.n_orders,
-        **kwargs,
-    )
+    source = GeneratedSource(as_float_images(images), labels, device=device)
+    return make_stream(source, cfg, protocol=cfg.protocol, seed=cfg.seed)
 
 
 @torch.no_grad()
@@ -76,6 +91,48 @@ def stream_errors(
         ]
         for name, c in counts.items()
     }
+
+
+def aggregate_stream(
+    per_seed: dict[str, list[list[dict[str, Any]]]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per model, its seeds' per-segment errors (`stream_errors` rows, one list per seed, all
+    in the same stream order) -> (results, curve rows).
+
+    results[model] = {"stream": per position the row with `error` = mean over seeds,
+    `error_std` and `errors` (one per seed); "mean_error": mean/std/values over seeds of each
+    seed's mean error over the stream}; curve rows = (model, position, domain, mean error).
+    Seeds whose streams differ (order, corruption, severity) are an error, not averaged."""
+    results: dict[str, Any] = {}
+    curve_rows = []
+    for name, runs in per_seed.items():
+        if not runs or not runs[0]:
+            raise ValueError(f"per_seed[{name!r}]: no stream rows to aggregate")
+        domain = [(r["run"], r["segment"], r["corruption"], r["severity"]) for r in runs[0]]
+        for k, rows in enumerate(runs[1:], start=1):
+            other = [(r["run"], r["segment"], r["corruption"], r["severity"]) for r in rows]
+            if other != domain:
+                raise ValueError(
+                    f"per_seed[{name!r}][{k}]: its stream order differs from seed 0's; "
+                    "per-position means need the same stream for every seed"
+                )
+        table = []
+        for i, row in enumerate(runs[0]):
+            errors = [r[i]["error"] for r in runs]
+            mean, std = mean_std(errors)
+            table.append({**row, "error": mean, "error_std": std, "errors": errors})
+            curve_rows.append(
+                {
+                    "model": name,
+                    "position": i,
+                    "domain": f"{row['corruption']}:{row['severity']}",
+                    "error": mean,
+                }
+            )
+        overall = [sum(r["error"] for r in rows) / len(rows) for rows in runs]
+        m, s = mean_std(overall)
+        results[name] = {"mean_error": {"mean": m, "std": s, "values": overall}, "stream": table}
+    return results, curve_rows
 
 
 def _figure(rows_by_model: dict[str, list[dict[str, Any]]]) -> Any:
@@ -118,27 +175,10 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         )
         for name, rows in stream_errors(stream, models).items():
             per_seed[name].append(rows)
-    results: dict[str, Any] = {}
-    curve_rows = []
-    for name, runs in per_seed.items():
-        table = []
-        for i, row in enumerate(runs[0]):
-            errors = [r[i]["error"] for r in runs]
-            mean, std = mean_std(errors)
-            table.append({**row, "error": mean, "error_std": std, "errors": errors})
-            curve_rows.append(
-                {
-                    "model": name,
-                    "position": i,
-                    "domain": f"{row['corruption']}:{row['severity']}",
-                    "error": mean,
-                }
-            )
-        overall = [sum(r["error"] for r in rows) / len(rows) for rows in runs]
-        m, s = mean_std(overall)
-        results[name] = {"mean_error": {"mean": m, "std": s, "values": overall}, "stream": table}
-        run.log_metrics({f"{name}.mean_error": m})
-        run.log_table(table, f"stream_{name}.json")
+    results, curve_rows = aggregate_stream(per_seed)
+    for name, res in results.items():
+        run.log_metrics({f"{name}.mean_error": res["mean_error"]["mean"]})
+        run.log_table(res["stream"], f"stream_{name}.json")
     plot = layout.metrics / "stream_curve.csv"
     plot.parent.mkdir(parents=True, exist_ok=True)
     with plot.open("w", newline="") as fh:

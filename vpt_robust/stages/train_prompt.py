@@ -30,6 +30,16 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "values": values}
 
 
+# Facts about one execution, not about its inputs: they go to metrics/*.json and MLflow only,
+# never into a dvc out (a resumed run learns the same tensors in fewer epochs of this process).
+RUN_FACTS = ("seconds", "resumed_epochs")
+
+
+def saved_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The training summary as stored with the prompt: a function of the stage's inputs."""
+    return {k: v for k, v in summary.items() if k not in RUN_FACTS}
+
+
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
     device = setup_runtime(params)
@@ -92,7 +102,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
                 )
             path = prompt_path(layout, name, seed)
             extra = {"family": name, "train": train_cfg.model_dump(), "seed": seed}
-            save_prompted_model(path, model, extra={**extra, "summary": summary})
+            save_prompted_model(path, model, extra={**extra, "summary": saved_summary(summary)})
             for suffix in (".safetensors", ".json"):
                 run.log_artifact(path.with_suffix(suffix), f"prompts/{name}")
             per_seed[str(seed)] = summary
