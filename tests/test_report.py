@@ -101,3 +101,43 @@ def test_stream_aggregation_refuses_seeds_with_different_streams() -> None:
         aggregate_stream({"m": [_seed_rows([0.1, 0.2, 0.3]), other]})
     with pytest.raises(ValueError, match="no stream rows"):
         aggregate_stream({"m": []})
+
+
+def test_method_tables_show_every_method_with_its_numbers() -> None:
+    from vpt_robust.stages.report import adapt_table, continual_table, tecoa_table
+
+    def stats(m: float) -> dict[str, float]:
+        return {"mean": m, "std": 0.01, "values": [m]}
+
+    adapt = {
+        "results": {
+            "source": {
+                "mean_error": stats(0.5),
+                "late_error": stats(0.6),
+                "cost": {"ratio_to_source": 1.0},
+            },
+            "tent": {
+                "mean_error": stats(0.4),
+                "late_error": stats(0.3),
+                "cost": {"ratio_to_source": 3.0},
+            },
+        }
+    }
+    text = adapt_table(adapt)
+    assert "| source | 50.0 ± 1.0 | 60.0 ± 1.0 | 1.0x |" in text
+    assert "| tent | 40.0 ± 1.0 | 30.0 ± 1.0 | 3.0x |" in text
+    tecoa = {
+        "metrics": ["clean", "pgd_Linf_4/255"],
+        "eval_attack": {"attack": {"steps": 10}},
+        "results": {"vpt": {"novel": {"clean": stats(0.3), "pgd_Linf_4/255": stats(0.1)}}},
+    }
+    text = tecoa_table(tecoa)
+    assert "| method | split | clean | PGD-10 4/255 |" in text
+    assert "| vpt | novel | 30.0 ± 1.0 | 10.0 ± 1.0 |" in text
+    keys = ("average_accuracy", "forgetting", "robust_average_accuracy", "robust_forgetting")
+    continual = {
+        "results": {"l2p": {k: stats(v) for k, v in zip(keys, (0.8, 0.1, 0.5, 0.2), strict=True)}}
+    }
+    assert "| l2p | 80.0 ± 1.0 | 10.0 ± 1.0 | 50.0 ± 1.0 | 20.0 ± 1.0 |" in continual_table(
+        continual
+    )

@@ -19,6 +19,7 @@ STAGES = (
     "train_prompt",
     "evaluate",
     "stream_eval",
+    "stream_adapt",
     "tecoa",
     "continual",
     "report",

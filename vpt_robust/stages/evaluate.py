@@ -114,10 +114,11 @@ def evaluate_model(
     out: dict[str, float] = {}
     flags: list[dict[str, Any]] = []
     pgd_results = []
-    for eps in attack.eps:
-        result = robust_accuracy(
+
+    def pgd(eps: float, xs: torch.Tensor, ys: torch.Tensor) -> Any:
+        return robust_accuracy(
             model,
-            (x, labels),
+            (xs, ys),
             eps=eps,
             alpha=attack.alpha_factor * eps / attack.steps,
             steps=attack.steps,
@@ -128,6 +129,9 @@ def evaluate_model(
             amp_dtype=amp,
             seed=seed,
         )
+
+    for eps in attack.eps:
+        result = pgd(eps, x, labels)
         pgd_results.append(result)
         out["clean"] = result.clean_accuracy
         out[f"pgd_{attack.norm}_{eps_label(eps, attack.norm)}"] = result.robust_accuracy
@@ -143,19 +147,7 @@ def evaluate_model(
                 # exactly what PGD on the subset alone would give.
                 pgd_subset = done[0].robust_correct[subset]
             else:
-                result = robust_accuracy(
-                    model,
-                    (x[subset], labels[subset]),
-                    eps=eps,
-                    alpha=attack.alpha_factor * eps / attack.steps,
-                    steps=attack.steps,
-                    norm=attack.norm,
-                    restarts=attack.restarts,
-                    batch_size=bs,
-                    device=device,
-                    amp_dtype=amp,
-                    seed=seed,
-                )
+                result = pgd(eps, x[subset], labels[subset])
                 pgd_subset = result.robust_correct
                 flags += _flag_rows(result, "pgd", eps, global_index[subset])
             out[f"pgd_subset_{label}"] = float(pgd_subset.float().mean())

@@ -107,6 +107,22 @@ def _attack_text(attack: dict[str, Any]) -> str:
     return f"PGD-{attack.get('steps')} {norm} eps {eps_label(float(attack.get('eps', 0)), norm)}"
 
 
+def adapt_table(adapt: dict[str, Any]) -> str:
+    """Markdown: one row per test-time adaptation method on the default protocol: mean error,
+    error over the last third of the stream, and cost relative to the source model."""
+    lines = [
+        "| method | mean error | late error (last third) | cost vs source |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for method, res in adapt["results"].items():
+        cost = res.get("cost", {}).get("ratio_to_source")
+        cost_text = f"{cost:.1f}x" if isinstance(cost, int | float) else ""
+        lines.append(
+            f"| {method} | {_pct(res['mean_error'])} | {_pct(res['late_error'])} | {cost_text} |"
+        )
+    return "\n".join(lines)
+
+
 CONTINUAL_METRICS = (
     "average_accuracy",
     "forgetting",
@@ -159,6 +175,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     pretrain = _read(layout, "pretrain")
     evaluation = _read(layout, "evaluate")
     stream = _read(layout, "stream_eval")
+    adapt = _read(layout, "stream_adapt")
     tecoa = _read(layout, "tecoa")
     continual = _read(layout, "continual")
     table = headline_table(evaluation)
@@ -195,6 +212,12 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             "stream (mean ± std over seeds):",
             "",
             stream_table(stream),
+            "",
+            f"Test-time adaptation on the corruption stream ({adapt['protocol']}, pretraining "
+            f"styles, every method on the same stream), error (%), mean ± std over seeds "
+            f"{adapt['seeds']}:",
+            "",
+            adapt_table(adapt),
             "",
             f"Zero-shot adversarial robustness (TeCoA; trained on the base classes in the "
             f"pretraining styles, train attack {_attack_text(tecoa['train_attack'])}), accuracy (%), mean ± std over "
