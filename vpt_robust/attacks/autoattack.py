@@ -113,6 +113,98 @@ def _check_in_ball(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, na
         )
 
 
+def _check_settings(
+    version: str, norm: str, eps: float, batch_size: int, chunk_size: int | None
+) -> int:
+    """Validate the attack settings; return the chunk size (default 8 batches)."""
+    if version not in VERSIONS:
+        raise ValueError(f"version: {version!r} is not one of {VERSIONS}")
+    if norm not in NORMS:
+        raise ValueError(f"norm: {norm!r} is not one of {NORMS}")
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: {eps!r} must be a finite number > 0")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1")
+    chunk_size = chunk_size or 8 * batch_size
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: {chunk_size!r} must be an int >= 1")
+    return chunk_size
+
+
+@torch.no_grad()
+def _clean_pass(
+    wrapped: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    state: dict[str, dict[int, bool]],
+    batch_size: int,
+    dev: torch.device,
+) -> None:
+    """Record clean correctness of every sample not yet in ``state`` (resumed ones skip)."""
+    todo = [k for k in range(images.shape[0]) if k not in state["clean"]]
+    for start in range(0, len(todo), batch_size):
+        pos = todo[start : start + batch_size]
+        pred = wrapped(images[pos].to(dev)).argmax(dim=1).cpu()
+        for k, ok in zip(pos, (pred == labels[pos].cpu()).tolist(), strict=True):
+            state["clean"][k] = ok
+
+
+def _flags(state: dict[str, dict[int, bool]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample clean and robust flags (robust only where clean and never broken)."""
+    clean = torch.tensor([state["clean"][k] for k in range(n)], dtype=torch.bool)
+    robust = torch.tensor(
+        [state["clean"][k] and state["robust"].get(k, False) for k in range(n)], dtype=torch.bool
+    )
+    return clean, robust
+
+
+def _attack_survivors(
+    attacker: Any,
+    steps: list[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    state: dict[str, dict[int, bool]],
+    *,
+    desc: str,
+    batch_size: int,
+    chunk_size: int,
+    save: Any,
+) -> None:
+    """Attack the clean-correct samples not yet attacked, chunk by chunk, with a progress bar
+    counting samples x attacks; ``save()`` after each chunk makes the run resumable."""
+    targets = [k for k in range(images.shape[0]) if state["clean"][k] and k not in state["robust"]]
+    with progress_bar(desc, total=len(targets) * len(steps), unit="sample-attack") as bar:
+        bar.set_postfix_str(f"{len(targets)} clean-correct samples; attacks {'→'.join(steps)}")
+        for start in range(0, len(targets), chunk_size):
+            pos = targets[start : start + chunk_size]
+            robust = attacker(images[pos], labels[pos], batch_size, bar)
+            for k, ok in zip(pos, robust.tolist(), strict=True):
+                state["robust"][k] = ok
+            if save is not None:
+                save()
+
+
+def _global_indices(indices: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The samples' global indices (default 0..n-1) as a CPU int64 vector of length n."""
+    out = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    if out.shape != (n,):
+        raise ValueError(f"indices: expected shape ({n},), got {tuple(out.shape)}")
+    return out.cpu()
+
+
+def _probe(wrapped: nn.Module, first: torch.Tensor, *, deterministic: bool) -> int:
+    """The model's class count; with ``deterministic``, refuse a stochastic model first."""
+    if deterministic:
+        checks.check_deterministic(
+            wrapped,
+            first,
+            hint='standard AutoAttack refuses it: use autoattack(..., version="rand") '
+            "(APGD with Expectation over Transformation)",
+        )
+    with torch.no_grad():
+        return int(wrapped(first[:1]).shape[1])
+
+
 def autoattack(
     model: nn.Module,
     images: torch.Tensor,
@@ -145,39 +237,17 @@ def autoattack(
     torch's global RNG, and its random starts are drawn per batch, so its flags depend on the
     batch composition (unlike `robust_accuracy`).
     """
-    if version not in VERSIONS:
-        raise ValueError(f"version: {version!r} is not one of {VERSIONS}")
-    if norm not in NORMS:
-        raise ValueError(f"norm: {norm!r} is not one of {NORMS}")
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps: {eps!r} must be a finite number > 0")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} must be an int >= 1")
-    chunk_size = chunk_size or 8 * batch_size
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: {chunk_size!r} must be an int >= 1")
+    chunk_size = _check_settings(version, norm, eps, batch_size, chunk_size)
     labels = labels.long() if isinstance(labels, torch.Tensor) else labels
     _check_batch(images, labels)
     n = images.shape[0]
     if n == 0:
         raise ValueError("images: no samples to attack")
-    if indices is None:
-        indices = torch.arange(n)
-    indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-    if indices.shape != (n,):
-        raise ValueError(f"indices: expected shape ({n},), got {tuple(indices.shape)}")
+    indices = _global_indices(indices, n)
     dev = resolve_attack_device(model, device)
     name = attack_name(version, fast)
-
-    config = {
-        "attack": name,
-        "version": version,
-        "norm": norm,
-        "eps": float(eps),
-        "seed": int(seed),
-        "n": n,
-        "data": _fingerprint(images, labels),
-    }
+    config = {"attack": name, "version": version, "norm": norm, "eps": float(eps)}
+    config |= {"seed": int(seed), "n": n, "data": _fingerprint(images, labels)}
     path = Path(resume_path) if resume_path is not None else None
     state = _load_resume(path, config) if path is not None else {"clean": {}, "robust": {}}
 
@@ -190,52 +260,31 @@ def autoattack(
 
     try:
         with eval_mode(model):
-            first = images[: min(n, 32)].to(dev)
-            if check and version == "standard":
-                checks.check_deterministic(
-                    wrapped,
-                    first,
-                    hint='standard AutoAttack refuses it: use autoattack(..., version="rand") '
-                    "(APGD with Expectation over Transformation)",
-                )
-            with torch.no_grad():
-                n_classes = int(wrapped(first[:1]).shape[1])
-
-            todo = [k for k in range(n) if k not in state["clean"]]
-            for start in range(0, len(todo), batch_size):
-                pos = todo[start : start + batch_size]
-                xb = images[pos].to(dev)
-                with torch.no_grad():
-                    pred = wrapped(xb).argmax(dim=1).cpu()
-                for k, ok in zip(pos, (pred == labels[pos].cpu()).tolist(), strict=True):
-                    state["clean"][k] = ok
+            n_classes = _probe(
+                wrapped, images[: min(n, 32)].to(dev), deterministic=check and version == "standard"
+            )
+            _clean_pass(wrapped, images, labels, state, batch_size, dev)
             if path is not None:
                 _save_resume(path, config, state)
 
-            targets = [k for k in range(n) if state["clean"][k] and k not in state["robust"]]
             attacker, steps = _make_attacker(
                 wrapped, version, norm, eps, seed, dev, fast, n_classes
             )
-            desc = f"{name} {norm} eps={eps:.4g}"
-            with progress_bar(desc, total=len(targets) * len(steps), unit="sample-attack") as bar:
-                bar.set_postfix_str(
-                    f"{len(targets)} clean-correct samples; attacks {'→'.join(steps)}"
-                )
-                for start in range(0, len(targets), chunk_size):
-                    pos = targets[start : start + chunk_size]
-                    x, y = images[pos], labels[pos]
-                    robust = attacker(x, y, batch_size, bar)
-                    for k, ok in zip(pos, robust.tolist(), strict=True):
-                        state["robust"][k] = ok
-                    if path is not None:
-                        _save_resume(path, config, state)
+            _attack_survivors(
+                attacker,
+                steps,
+                images,
+                labels,
+                state,
+                desc=f"{name} {norm} eps={eps:.4g}",
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+                save=(lambda: _save_resume(path, config, state)) if path is not None else None,
+            )
     finally:
         aa_logger.setLevel(old_level)
 
-    clean = torch.tensor([state["clean"][k] for k in range(n)], dtype=torch.bool)
-    robust = torch.tensor(
-        [state["clean"][k] and state["robust"].get(k, False) for k in range(n)], dtype=torch.bool
-    )
+    clean, robust = _flags(state, n)
     result = RobustResult(
         attack=name,
         norm=norm,
