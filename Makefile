@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test lint ui flow clean
+.PHONY: install demo test lint ui flow serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ ui: install
 
 flow: install
 	python -m flows.pipeline
+
+serve: install
+	vpt-robust serve
 
 clean:
 	rm -rf outputs metrics mlflow.db mlartifacts

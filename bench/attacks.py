@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -30,7 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vpt_robust.attacks.pgd import default_alpha, input_gradient, pgd  # noqa: E402
+from vpt_robust.attacks.autoattack import autoattack  # noqa: E402
+from vpt_robust.attacks.pgd import default_alpha, input_gradient, pgd, robust_accuracy  # noqa: E402
 
 CLASSES = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OPEN_CLIP_NAMES = {"vit_b_32": "ViT-B-32", "vit_b_16": "ViT-B-16"}
@@ -177,6 +179,163 @@ def robust_acc(model: nn.Module, adv: torch.Tensor, labels: torch.Tensor) -> flo
         return float((model(adv).argmax(1) == labels).float().mean())
 
 
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward appends a timestamp: placed at a model's input and output, the
+    two stamps bracket the model's own backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, log: list) -> torch.Tensor:  # noqa: ANN001
+        ctx.log = log
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        ctx.log.append(time.perf_counter())
+        return grad, None
+
+
+class ModelClock(nn.Module):
+    """Accumulates the wall time spent inside the model, forward and backward (CPU: no sync
+    needed), and the number of images it saw, so an attack's non-model overhead is measured."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seconds, self.images, self.grad_images = 0.0, 0, 0
+        self._bwd: list[list[float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self.images += x.shape[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            log: list[float] = []
+            self._bwd.append(log)
+            self.grad_images += x.shape[0]
+            out = _Stamp.apply(self.model(_Stamp.apply(x, log)), log)
+        else:
+            out = self.model(x)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def total(self) -> float:
+        """Forward seconds plus every finished backward's seconds."""
+        bwd = sum(log[1] - log[0] for log in self._bwd if len(log) == 2)
+        return self.seconds + bwd
+
+
+def early_exit_section(model, images, labels, *, eps, steps, batch, repeats, device) -> dict:
+    """robust_accuracy with and without early exit on the same samples: effective img/s
+    (images evaluated / time) against the full attack's compute bound, and robust accuracy."""
+    kwargs = {"eps": eps, "steps": steps, "batch_size": batch, "device": device, "seed": 0}
+    fns = {
+        "early": lambda: robust_accuracy(model, (images, labels), **kwargs),
+        "full": lambda: robust_accuracy(model, (images, labels), early_exit=False, **kwargs),
+        "k_fwd_bwd": lambda: [
+            input_gradient(model, images[s : s + batch], labels[s : s + batch])
+            for s in range(0, images.shape[0], batch)
+            for _ in range(steps)
+        ],
+    }
+    med = interleaved_medians(fns, device, warmup=0, repeats=repeats)
+    e_clock, f_clock = ModelClock(model), ModelClock(model)
+    early = robust_accuracy(e_clock, (images, labels), **kwargs)
+    full = robust_accuracy(f_clock, (images, labels), early_exit=False, **kwargs)
+    n = images.shape[0]
+    bound = n / med["k_fwd_bwd"]  # every step on every image: the full attack's compute bound
+    return {
+        "n": n,
+        "eps": eps,
+        "steps": steps,
+        "bound_img_s": bound,
+        "full_img_s": n / med["full"],
+        "early_img_s": n / med["early"],
+        "early_over_bound": (n / med["early"]) / bound,
+        "early_over_full": med["full"] / med["early"],
+        "full_robust_accuracy": full.robust_accuracy,
+        "early_robust_accuracy": early.robust_accuracy,
+        "early_never_above_full": bool(not (early.robust_correct & ~full.robust_correct).any()),
+        # The work each run pays: images through fwd+bwd. Their ratio is what early exit can
+        # reach at best on this model, eps and step size (each broken sample must still walk to
+        # its first fooling iterate).
+        "full_fwd_bwd_images": f_clock.grad_images,
+        "early_fwd_bwd_images": e_clock.grad_images,
+        "work_ratio": f_clock.grad_images / max(e_clock.grad_images, 1),
+    }
+
+
+def autoattack_section(model, images, labels, *, eps, batch, device, ours_first) -> dict:
+    """AutoAttack (standard) ours vs pyautoattack's own `run_standard_evaluation` on the same
+    samples: time, robust accuracy, per-sample agreement, the share of time spent in the model,
+    and the samples each attack received in the library's own run (survivors only?)."""
+    from pyautoattack import AutoAttack
+
+    clock = ModelClock(model)
+    ref = AutoAttack(clock, norm="Linf", eps=eps, version="standard", seed=0, device=device)
+    received: dict[str, int] = {}
+    for name, atk in (("apgd-ce", ref.apgd), ("apgd-t", ref.apgd_targeted),
+                      ("fab-t", ref.fab), ("square", ref.square)):  # fmt: skip
+        original = atk.perturb
+
+        def counted(x, *a, _o=original, _n=name, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            received[_n] = received.get(_n, 0) + x.shape[0]
+            return _o(x, *a, **k)
+
+        atk.perturb = counted
+    t0 = time.perf_counter()
+    ref.verbose = False
+    _, y_adv = ref.run_standard_evaluation(images, labels, batch_size=batch)
+    t_ref = time.perf_counter() - t0
+    with torch.no_grad():
+        clean = model(images).argmax(1) == labels
+    theirs = clean & (y_adv == labels)
+    t0 = time.perf_counter()
+    ours = autoattack(
+        model, images, labels, eps=eps, batch_size=batch, chunk_size=images.shape[0],
+        device=device, seed=0,
+    )  # fmt: skip
+    t_ours = time.perf_counter() - t0
+    return {
+        "eps": eps,
+        "n": images.shape[0],
+        "clean_accuracy": float(clean.float().mean()),
+        "pyautoattack_s": t_ref,
+        "ours_s": t_ours,
+        "speedup": t_ref / t_ours,
+        "ours_first": ours_first,
+        "pyautoattack_robust_accuracy": float(theirs.float().mean()),
+        "ours_robust_accuracy": ours.robust_accuracy,
+        "per_sample_equal": bool(torch.equal(ours.robust_correct, theirs)),
+        "model_share_of_pyautoattack_time": clock.total() / t_ref,
+        "samples_received_per_attack": received,
+    }
+
+
+def model_side_speedups(model, images, labels, *, batch, repeats, device) -> dict:
+    """fwd+bwd time of the model as it is, in channels-last, and under torch.compile (CPU: the
+    candidates for a faster model side that leave the logits' argmax unchanged)."""
+    x, y = images[:batch], labels[:batch]
+    variants = {"as_is": (model, x)}
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants["channels_last"] = (cl, x.contiguous(memory_format=torch.channels_last))
+    variants["compile"] = (torch.compile(copy.deepcopy(model)), x)
+    t0 = time.perf_counter()
+    input_gradient(variants["compile"][0], x, y)
+    compile_s = time.perf_counter() - t0
+    fns = {k: (lambda m=m, xi=xi: input_gradient(m, xi, y)) for k, (m, xi) in variants.items()}
+    med = interleaved_medians(fns, device, warmup=2, repeats=repeats)
+    same = {}
+    with torch.no_grad():
+        ref = model(x).argmax(1)
+        for k, (m, xi) in variants.items():
+            same[k] = bool(torch.equal(m(xi).argmax(1), ref))
+    return {
+        "fwd_bwd_ms": {k: 1e3 * v for k, v in med.items()},
+        "speedup": {k: med["as_is"] / v for k, v in med.items()},
+        "argmax_unchanged": same,
+        "compile_first_call_s": compile_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -195,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (house rule: <= 2 here)")
+    ap.add_argument("--ee-n", type=int, default=512, help="samples for early exit vs full")
+    ap.add_argument("--ee-eps", type=float, default=4 / 255)
+    ap.add_argument("--aa-n", type=int, default=32, help="samples for AutoAttack (0: skip)")
+    ap.add_argument("--aa-eps", default="1,4", help="AutoAttack eps values, in /255")
     args = ap.parse_args(argv)
 
     if args.steps < 1 or args.batch < 1:
@@ -301,7 +464,10 @@ def main(argv: list[str] | None = None) -> dict:
             "robust_accuracy"
         ]
         record["speedup_vs_torchattacks_fp32"] = ours_ips / peer_stats["torchattacks_fp32"]["img_s"]
+    sections = extra_sections(args, model, size, device)
+    record.update(sections)
     print(json.dumps(record))
+    print_sections(sections)
 
     prec = args.amp if amp is not None else "fp32"
     print(
@@ -322,6 +488,74 @@ def main(argv: list[str] | None = None) -> dict:
         f"could reach {bound:.1f} img/s; ours reaches {100 * record['fraction_of_bound']:.1f}% of it"
     )
     return record
+
+
+def extra_sections(args: argparse.Namespace, model: nn.Module, size: int, device) -> dict:
+    """Early exit vs full PGD, the model-side speed-ups, AutoAttack ours vs pyautoattack."""
+    out: dict = {}
+    if args.model != "tiny":
+        return out  # the random-init ViTs have no meaningful robust accuracy to compare
+    images = prototype_data(args.ee_n, size, seed=2)[0].to(device)
+    # True labels would leave clean mistakes out of the attack; the model's own predictions
+    # keep all ee_n samples in it, as in the PGD comparison above.
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    out["early_exit"] = early_exit_section(
+        model, images, labels, eps=args.ee_eps, steps=args.steps, batch=args.batch,
+        repeats=args.repeats, device=device,
+    )  # fmt: skip
+    out["model_side"] = model_side_speedups(
+        model, images, labels, batch=args.batch, repeats=args.repeats, device=device
+    )
+    if args.aa_n > 0:
+        x, y = prototype_data(args.aa_n, size, seed=3)
+        out["autoattack"] = [
+            autoattack_section(
+                model,
+                x.to(device),
+                y.to(device),
+                eps=float(e) / 255,
+                batch=args.batch,
+                device=device,
+                ours_first=k % 2 == 0,
+            )
+            for k, e in enumerate(args.aa_eps.split(","))
+        ]
+    return out
+
+
+def print_sections(sec: dict) -> None:
+    """The readable table of the extra sections."""
+    if "early_exit" in sec:
+        e = sec["early_exit"]
+        print(
+            f"\nrobust_accuracy PGD-{e['steps']} on {e['n']} samples, eps {e['eps'] * 255:.0f}/255"
+        )
+        print(f"{'':<34}{'img/s':>10}{'robust acc':>12}")
+        print(f"{'bound (every step, every image)':<34}{e['bound_img_s']:>10.1f}")
+        print(f"{'full attack (early_exit=False)':<34}{e['full_img_s']:>10.1f}"
+              f"{e['full_robust_accuracy']:>12.3f}")  # fmt: skip
+        print(f"{'early exit (default)':<34}{e['early_img_s']:>10.1f}"
+              f"{e['early_robust_accuracy']:>12.3f}")  # fmt: skip
+        print(f"early exit / bound = {e['early_over_bound']:.2f}x, / full = "
+              f"{e['early_over_full']:.2f}x; never above full: {e['early_never_above_full']}")  # fmt: skip
+        print(f"fwd+bwd images: full {e['full_fwd_bwd_images']}, early {e['early_fwd_bwd_images']}"
+              f" -> early exit's own bound {e['work_ratio']:.2f}x")  # fmt: skip
+    if "model_side" in sec:
+        m = sec["model_side"]
+        print("\nmodel side, one fwd+bwd: " + ", ".join(
+            f"{k} {m['fwd_bwd_ms'][k]:.2f} ms ({m['speedup'][k]:.2f}x, argmax same: "
+            f"{m['argmax_unchanged'][k]})" for k in m["fwd_bwd_ms"]
+        ) + f"; compile's first call {m['compile_first_call_s']:.1f} s")  # fmt: skip
+    for a in sec.get("autoattack", []):
+        print(f"\nAutoAttack standard, {a['n']} samples, eps {a['eps'] * 255:.0f}/255")
+        print(f"{'':<16}{'seconds':>10}{'robust acc':>12}")
+        print(f"{'pyautoattack':<16}{a['pyautoattack_s']:>10.1f}"
+              f"{a['pyautoattack_robust_accuracy']:>12.3f}")  # fmt: skip
+        print(f"{'ours':<16}{a['ours_s']:>10.1f}{a['ours_robust_accuracy']:>12.3f}")
+        print(f"speed-up {a['speedup']:.2f}x; per-sample equal: {a['per_sample_equal']}; "
+              f"model share of pyautoattack's time {100 * a['model_share_of_pyautoattack_time']:.0f}%; "
+              f"samples each attack received: {a['samples_received_per_attack']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,15 +22,17 @@ def test_matches_torchattacks_from_the_same_start(norm, eps, peer):
     model = trained_cnn()
     images, labels = eval_data(512)
     alpha = default_alpha(eps, 10)
-    ours = robust_accuracy(
-        model, (images, labels), eps=eps, norm=norm, steps=10, alpha=alpha, random_start=False
-    )
+    kwargs = {"eps": eps, "norm": norm, "steps": 10, "alpha": alpha, "random_start": False}
+    ours = robust_accuracy(model, (images, labels), early_exit=False, **kwargs)
     adv = peer(model, eps=eps, alpha=alpha, steps=10, random_start=False)(images, labels)
     with torch.no_grad():
         theirs = model(adv).argmax(1) == labels
     assert 0.2 < ours.robust_accuracy < 0.8  # the attack moves the model: a meaningful comparison
     assert (ours.robust_correct != theirs).sum().item() <= 1
     assert abs(ours.robust_accuracy - theirs.float().mean().item()) <= 1 / 512
+    # Early exit (any iterate counts) is at least as strong as the last iterate.
+    early = robust_accuracy(model, (images, labels), **kwargs)
+    assert not (early.robust_correct & ~ours.robust_correct).any()
 
 
 @pytest.mark.parametrize(("norm", "eps", "peer"), SETTINGS)
@@ -38,7 +40,9 @@ def test_matches_torchattacks_with_random_start(norm, eps, peer):
     model = trained_cnn()
     images, labels = eval_data(512)
     alpha = default_alpha(eps, 10)
-    ours = robust_accuracy(model, (images, labels), eps=eps, norm=norm, steps=10, seed=3)
+    ours = robust_accuracy(
+        model, (images, labels), eps=eps, norm=norm, steps=10, seed=3, early_exit=False
+    )
     torch.manual_seed(3)
     adv = peer(model, eps=eps, alpha=alpha, steps=10, random_start=True)(images, labels)
     with torch.no_grad():

@@ -148,6 +148,65 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the ``adapt-new-stream`` deployment and watch the inbox (``flows/stream.py``)."""
+    from vpt_robust.config import PROJECT_ROOT
+
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))  # flows/ sits beside the package, not in it
+    from flows.stream import serve
+
+    load_params(args.params)  # a bad params file stops here, with the CLI's error
+    return serve(args.params)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Adapt on one stream folder by hand: the flow's function, without Prefect or a server."""
+    from vpt_robust.streams import StreamFolderError, VersionError, process_folder
+
+    params = _params(args)
+    try:
+        result = process_folder(args.path, params, from_version=args.from_version)
+    except (StreamFolderError, VersionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result["status"] == "known":
+        print(f"{args.path}: content {result['data_hash']} is version {result['version']} already")
+    else:
+        print(
+            f"{args.path}: version {result['version']} (parent {result['parent']}), "
+            f"content {result['data_hash']}, MLflow run {result['mlflow_run_id']}"
+        )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    """The adapted versions of the stream store, oldest first."""
+    from vpt_robust.streams import list_versions
+
+    rows = list_versions(_params(args))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no adapted versions yet")
+        return 0
+    print("version  parent  data hash                              images  error   src err  run")
+    for r in rows:
+        m = r["metrics"]
+        err = m["adapted"].get("error")
+        src = m["source"].get("error")
+        print(
+            f"{r['version']:>7}{'*' if r['latest'] else ' '} {r['parent']!s:>6}  "
+            f"{r['data_hash']:<38} {r['n_images']:>6}  "
+            f"{'-' if err is None else f'{err:.3f}':>6}  {'-' if src is None else f'{src:.3f}':>7}  "
+            f"{r['mlflow_run_id'] or '-'}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpt-robust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="backbone checkpoint, if not where the prompt recorded it")
     p.add_argument("inputs", metavar="IMAGE_OR_FOLDER")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve", help="serve the adapt-new-stream Prefect deployment and watch streams.inbox"
+    )
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stream", help="adapt on one new stream folder now (no Prefect server)")
+    p.add_argument("path", metavar="FOLDER")
+    p.add_argument("--from-version", type=int, help="adapt from this version (default: latest)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("versions", help="list the adapted stream versions (* = latest)")
+    p.add_argument("--json", action="store_true")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("show", help="print the headline report and how to browse results")
     _add_config_args(p)

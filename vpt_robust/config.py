@@ -446,12 +446,23 @@ class ContinualConfig(Block):
     ``epochs`` per task, optimiser reset per task. The pool: ``pool_size`` prompts of
     ``prompt_length`` tokens, ``top_n`` selected, ``pull_weight`` on the key-pull loss.
     ``sequential_length`` null: VPT tokens matching the pool's learned values.
+
+    ``data``: ``embedded`` (the above) or local files in torchvision's on-disk formats under
+    ``root`` (``vpt_robust/data/torchvision_sets.py``; never downloaded): ``split_cifar100``
+    (``tasks`` equal tasks of CIFAR-100, 10 x 10 in its preset) or ``five_datasets`` (CIFAR-10,
+    MNIST, Fashion-MNIST, SVHN, notMNIST: 5 tasks of 10 classes), class-incremental, each
+    data set's train split for training and its test split for evaluation, at most
+    ``n_train_per_class`` / ``n_test_per_class`` images per class (null: all), resized to
+    ``image_size``.
     """
 
+    data: Literal["embedded", "split_cifar100", "five_datasets"] = "embedded"
+    root: str | None = None
+    image_size: int = Field(32, ge=8, le=512)
     sequence: Literal["class_incremental", "domain_incremental"] = "class_incremental"
     tasks: int = Field(5, ge=2)
-    n_train_per_class: int = Field(30, ge=1)
-    n_test_per_class: int = Field(20, ge=1)
+    n_train_per_class: int | None = Field(30, ge=1)
+    n_test_per_class: int | None = Field(20, ge=1)
     data_seed: int = 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     methods: list[Literal["l2p", "sequential", "joint", "zero_shot"]] = Field(
@@ -477,6 +488,26 @@ class ContinualConfig(Block):
     def _pool_fits(self) -> ContinualConfig:
         if self.top_n > self.pool_size:
             raise ValueError(f"continual.top_n: {self.top_n} must be <= pool_size {self.pool_size}")
+        if self.data != "embedded" and not self.root:
+            raise ValueError(
+                f"continual.root: continual.data {self.data!r} reads local files and needs "
+                "root, the directory holding them in torchvision's layout; got null"
+            )
+        for name in ("n_train_per_class", "n_test_per_class"):
+            if self.data == "embedded" and getattr(self, name) is None:
+                raise ValueError(
+                    f"continual.{name}: null (every image) needs a real-data source; the "
+                    "embedded data's draw takes a number"
+                )
+        if self.data != "embedded" and self.sequence != "class_incremental":
+            raise ValueError(
+                f"continual.sequence: {self.sequence!r} needs continual.data 'embedded' (its "
+                f"styles are the domains); {self.data!r} is class-incremental"
+            )
+        if self.data == "five_datasets" and self.tasks != 5:
+            raise ValueError(
+                f"continual.tasks: five_datasets has 5 tasks (one per data set), got {self.tasks}"
+            )
         return self
 
 
@@ -550,6 +581,49 @@ class TeCoAConfig(Block):
         return v
 
 
+class StreamsAttackConfig(Block):
+    """PGD (L-inf ``eps``, ``steps``, step 2.5 eps / steps) on a fixed subset of ``n_samples``
+    images of each new stream (drawn with ``seed``), against the adapted and the source model."""
+
+    eps: Eps = 1 / 255
+    steps: int = Field(5, ge=1)
+    n_samples: int = Field(16, ge=1)
+    seed: int = 0
+
+
+def _default_stream_method() -> AdaptMethodConfig:
+    return AdaptMethodConfig(method="vdp", n_augmentations=2, ema=0.9)
+
+
+class StreamsConfig(Block):
+    """New domain streams (``vpt_robust/streams``, ``flows/stream.py``): folders of images
+    dropped into ``inbox`` are validated, hashed the way DVC hashes a directory, adapted with
+    ``method`` (an adapter of ``vpt_robust.methods.tta``) from the latest adapted state and kept
+    as versions under ``store`` (null: ``<paths.outputs>/streams``). The source model: the
+    saved prompt ``prompt`` (null: ``<paths.outputs>/prompts/<family>/seed_0`` when it exists,
+    else the zero-shot classifier) on the configured backbone, over ``class_names`` (null: the
+    prompt's, else the embedded data's). The stream: ``batch_size`` images a batch, in a seeded
+    random order (``shuffle``, ``seed``), a checkpoint every ``checkpoint_every`` batches. The
+    watcher polls every ``poll_seconds`` and takes a folder once it was unchanged for
+    ``settle_seconds``."""
+
+    inbox: str = "inbox"
+    store: str | None = None
+    method: AdaptMethodConfig = Field(default_factory=_default_stream_method)
+    prompt: str | None = None
+    family: str = "padding"
+    class_names: list[str] | None = Field(None, min_length=2)
+    batch_size: int = Field(8, ge=1)
+    checkpoint_every: int = Field(2, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+    min_image_size: int = Field(8, ge=1)
+    max_images: int = Field(10_000, ge=1)
+    attack: StreamsAttackConfig = StreamsAttackConfig()
+    poll_seconds: float = Field(2.0, gt=0)
+    settle_seconds: float = Field(2.0, ge=0)
+
+
 class RuntimeConfig(Block):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -583,6 +657,7 @@ class Params(Block):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
     tecoa: TeCoAConfig = Field(default_factory=TeCoAConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -60,6 +60,7 @@ class TinyClipSpec:
 
     image_size: int = 32
     stem_channels: tuple[int, ...] = (32, 64, 128)
+    stem_depth: int = 1
     width: int = 192
     depth: int = 4
     heads: int = 4
@@ -80,6 +81,8 @@ class TinyClipSpec:
             )
         if self.width % self.heads or self.text_width % self.text_heads:
             raise ValueError("width / text_width must be divisible by heads / text_heads")
+        if self.stem_depth < 1:
+            raise ValueError(f"stem_depth: {self.stem_depth} must be >= 1")
         if self.pool not in ("token", "avg"):
             raise ValueError(f"pool: {self.pool!r} is not 'token' or 'avg'")
 
@@ -107,8 +110,9 @@ _DEFAULT_SPEC = TinyClipSpec()
 
 
 class ConvStem(nn.Module):
-    """Convolutional tokeniser: 3x3 convs, each but the first halving the resolution, then a
-    3x3 conv to the token width; output (B, H/s * W/s, width) like timm's ``PatchEmbed``.
+    """Convolutional tokeniser: one stage of ``depth`` 3x3 convs per entry of ``channels``, the
+    first conv of each stage but the first halving the resolution, then a strided 3x3 conv to
+    the token width; output (B, H/s * W/s, width) like timm's ``PatchEmbed``.
 
     It stands in for ``PatchEmbed`` inside timm's ``VisionTransformer`` (same constructor keywords
     and the attributes the ViT reads: ``img_size``, ``patch_size``, ``grid_size``,
@@ -123,6 +127,7 @@ class ConvStem(nn.Module):
         embed_dim: int = 128,
         bias: bool = True,
         channels: tuple[int, ...] = (32, 64),
+        depth: int = 1,
         dynamic_img_pad: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -139,10 +144,13 @@ class ConvStem(nn.Module):
         prev = in_chans
         first = True
         for ch in channels:
-            layers.append(nn.Conv2d(prev, ch, 3, stride=1 if first else 2, padding=1, **dd))
-            layers.append(nn.BatchNorm2d(ch, **dd))
-            layers.append(nn.GELU())
-            prev, first = ch, False
+            for i in range(depth):
+                step = 2 if i == 0 and not first else 1
+                layers.append(nn.Conv2d(prev, ch, 3, stride=step, padding=1, **dd))
+                layers.append(nn.BatchNorm2d(ch, **dd))
+                layers.append(nn.GELU())
+                prev = ch
+            first = False
         layers.append(nn.Conv2d(prev, embed_dim, 3, stride=2, padding=1, bias=bias, **dd))
         self.stem = nn.Sequential(*layers)
         self.patch_size = (stride, stride)
@@ -211,7 +219,7 @@ def _register_timm(spec: TinyClipSpec) -> str:
             mlp_ratio=spec.mlp_ratio,
             class_token=True,
             global_pool=spec.pool,
-            embed_layer=partial(ConvStem, channels=spec.stem_channels),
+            embed_layer=partial(ConvStem, channels=spec.stem_channels, depth=spec.stem_depth),
         )
         cfg = {
             "architecture": name,

@@ -5,7 +5,9 @@ forgetting and robust forgetting per method (``metrics/continual.json``).
 The sequence is drawn from the images of the pretraining styles that pretraining never used
 (the complement of ``pretrain_train`` in ``splits.npz``; prepare's splits stay untouched), per
 class with ``continual.data_seed``: a class-incremental split of the classes into
-``continual.tasks`` tasks, or a domain-incremental sequence with one task per style.
+``continual.tasks`` tasks, or a domain-incremental sequence with one task per style. With
+``continual.data`` ``split_cifar100`` / ``five_datasets`` the sequence comes from local files in
+torchvision's formats instead (``vpt_robust/data/torchvision_sets.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from vpt_robust.config import HeadConfig, Params, PromptConfig, TrainConfig
 from vpt_robust.data.embedded import EmbeddedData, load_embedded
+from vpt_robust.data.torchvision_sets import torchvision_sequence
 from vpt_robust.methods.continual import (
     EvalSettings,
     MethodSpec,
@@ -48,9 +51,14 @@ def unseen_by_pretraining(data: EmbeddedData, pretrain_train: torch.Tensor) -> t
 
 
 def build_sequence(params: Params, data: EmbeddedData, splits: dict[str, Any]) -> TaskSequence:
-    """The task sequence ``params.continual`` names, over the embedded data."""
+    """The task sequence ``params.continual`` names: over the embedded data, or (``data:
+    split_cifar100 | five_datasets``) over the local files under ``continual.root``."""
     cfg = params.continual
     kw = {"n_train": cfg.n_train_per_class, "n_test": cfg.n_test_per_class, "seed": cfg.data_seed}
+    if cfg.data != "embedded":
+        return torchvision_sequence(
+            cfg.data, cfg.root, image_size=cfg.image_size, tasks=cfg.tasks, **kw
+        )
     if cfg.sequence == "class_incremental":
         candidates = unseen_by_pretraining(data, splits["pretrain_train"])
         tasks = class_incremental(data.labels, candidates, cfg.tasks, **kw)
