@@ -8,7 +8,13 @@ import json
 
 import pytest
 import torch
-from _attack_models import DropoutAlways, eval_data, single_thread, trained_cnn  # noqa: F401
+from _attack_models import (  # noqa: F401
+    DropoutAlways,
+    QuantisedInput,
+    eval_data,
+    single_thread,
+    trained_cnn,
+)
 from _autoattack_short import ShortAutoAttack, short_autoattack  # noqa: F401
 from torch import nn
 
@@ -178,3 +184,30 @@ def test_attack_by_attack_equals_the_library_run_and_reports_progress(monkeypatc
     first = next(p for p in bar.postfixes if p.startswith("apgd-ce "))
     assert first.startswith(f"apgd-ce 4/{n_clean} samples")
     assert bar.postfixes[-1].endswith(f"{int(ours.robust_correct.sum())}/{n_clean} still robust")
+
+
+@pytest.mark.usefixtures("short_autoattack")
+def test_library_checks_and_clean_pass_run_once_not_per_attack_and_batch():
+    """Driving each attack's `perturb` ourselves: the model sees exactly the forwards of the
+    library's own run, plus our one-off probe and clean pass, minus its one-off checks. One
+    library call per attack and batch would add its checks and clean pass (8 forwards) each.
+    Zero input gradients leave the breaking to Square's random search: flags that depend on
+    each call's seed (seed 4 instead of 3 flips a sample here)."""
+    model = QuantisedInput(trained_cnn())
+    images, labels = eval_data(12)
+    eps = 8 / 255
+    ours_model = CountingModel(model)
+    ours = autoattack(ours_model, images, labels, eps=eps, batch_size=4, seed=3)
+    clean = ours.clean_correct
+    ref_model = CountingModel(model)
+    reference = ShortAutoAttack(ref_model, norm="Linf", eps=eps, version="standard", seed=3)
+    _, y_adv = reference.run_standard_evaluation(images[clean], labels[clean], batch_size=4)
+    expected = torch.zeros_like(clean)
+    expected[clean] = y_adv == labels[clean]
+    assert torch.equal(ours.robust_correct, expected)
+    assert 0 < ours.robust_accuracy < ours.clean_accuracy
+    # Ours: determinism check (2) + class count (1) + clean pass over 12 in batches of 4 (3)
+    # + the library's range and dynamic checks once (2). The library: randomness (5), range
+    # and dynamic (2) checks, and its clean pass over the clean-correct samples.
+    ref_clean_pass = -(-int(clean.sum()) // 4)
+    assert ours_model.calls - ref_model.calls == (2 + 1 + 3 + 2) - (5 + 2 + ref_clean_pass)
