@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@# headless Chromium for the MLflow UI test (tests/test_mlflow_ui.py); Playwright drives this
+	@# executable, no browser is downloaded. Skipped when present; as root (CI) apt installs it.
+	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing: sudo apt-get install -y chromium (else the MLflow UI test skips)"; fi
 
 demo: install
 	vpt-robust data

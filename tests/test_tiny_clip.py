@@ -11,6 +11,7 @@ from _tiny_clip_spec import SMALL
 
 from vpt_robust.data.embedded import EmbeddedData, load_embedded, materialize
 from vpt_robust.methods.pretrain import (
+    RandomBatches,
     multi_positive_clip_loss,
     pretrain_clip,
 )
@@ -158,3 +159,21 @@ def test_pretraining_rejects_bad_arguments(tiny_data: EmbeddedData) -> None:
         pretrain_clip(model, tiny_data.subset(list(range(5))), steps=1, batch_size=32, **kw)
     with pytest.raises(ValueError, match="precision"):
         pretrain_clip(model, tiny_data, steps=1, batch_size=32, precision="fp8", **kw)
+
+
+def test_stem_depth_adds_stride_one_convs_and_keeps_the_token_grid() -> None:
+    model = build_tiny_clip(**dict(SMALL, stem_depth=2))
+    stem = model.visual.trunk.patch_embed
+    convs = [m for m in stem.stem if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 * len(SMALL["stem_channels"]) + 1
+    assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 2]
+    assert stem.patch_size == (4, 4) and stem.num_patches == 64
+    assert model.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, SMALL["embed_dim"])
+    with pytest.raises(ValueError, match="stem_depth"):
+        build_tiny_clip(**dict(SMALL, stem_depth=0))
+
+
+def test_random_batches_cover_an_epoch_without_repeats() -> None:
+    batches = RandomBatches(10, 3, torch.Generator().manual_seed(0))
+    epoch = torch.cat([batches.next() for _ in range(3)])
+    assert len(set(epoch.tolist())) == 9

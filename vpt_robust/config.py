@@ -624,6 +624,44 @@ class StreamsConfig(Block):
     settle_seconds: float = Field(2.0, ge=0)
 
 
+class GridConfig(Block):
+    """The evaluation grid of ``flows/grid.py`` (``vpt_robust/grid.py``): which cells, and the
+    Dask cluster that runs them. ``models`` null: zero-shot + every family; ``seeds`` null:
+    ``train.seeds``; ``corruptions`` null: the ``stream`` block's (all 15 when that is null),
+    [] for none. ``address``: a running Dask scheduler (``tcp://host:8786``); null starts a
+    cluster here, ``cluster: local`` (distributed.LocalCluster, ``n_workers`` processes) or
+    ``cuda`` (dask_cuda.LocalCUDACluster, one worker per visible GPU)."""
+
+    models: list[str] | None = None
+    splits: list[Literal["base", "novel"]] = Field(default_factory=lambda: ["base"], min_length=1)
+    seeds: list[int] | None = None
+    attacks: bool = True
+    corruptions: list[str] | None = None
+    severities: list[int] = Field(default_factory=lambda: [3, 5], min_length=1)
+    cluster: Literal["local", "cuda"] = "local"
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        from vpt_robust.corruptions import CORRUPTIONS
+
+        bad = [c for c in v or [] if c not in CORRUPTIONS]
+        if bad:
+            raise ValueError(f"{bad} are not among {list(CORRUPTIONS)}")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 1 <= s <= 5]
+        if bad:
+            raise ValueError(f"{bad} are not severities 1..5")
+        return v
+
+
 class RuntimeConfig(Block):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -658,6 +696,7 @@ class Params(Block):
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
     tecoa: TeCoAConfig = Field(default_factory=TeCoAConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
 

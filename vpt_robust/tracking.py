@@ -194,6 +194,11 @@ class StageRun:
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    @_active
+    def log_image(self, image: Any, name: str) -> None:
+        """An (H, W, 3) array (floats in [0, 1] or uint8) as a PNG artifact ``name``."""
+        self.client.log_image(self.run_id, image, artifact_file=name)
+
 
 def disabled_run() -> StageRun:
     """A handle that accepts every call and records nothing (tracking disabled)."""

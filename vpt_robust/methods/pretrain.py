@@ -110,6 +110,21 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class RandomBatches:
+    """Epochs of seeded random permutations, cut into batches (the last partial one dropped)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.gen = n, batch_size, generator
+        self.order, self.cursor = torch.randperm(n, generator=generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > self.n:
+            self.order, self.cursor = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+
 def _lr_at(step: int, steps: int, warmup_steps: int, lr: float) -> float:
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
@@ -176,14 +191,10 @@ def pretrain_clip(
     max_log_scale = math.log(100.0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     losses: list[float] = []
-    order = torch.randperm(len(train), generator=gen)
-    cursor = 0
+    batches = RandomBatches(len(train), batch_size, gen)
     start = time.perf_counter()
     for step in progress(range(steps), desc="pretrain CLIP", total=steps):
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(train), generator=gen), 0
-        idx = order[cursor : cursor + batch_size].to(device)
-        cursor += batch_size
+        idx = batches.next().to(device)
         x = images[idx].float().div_(255.0)
         if augment:
             x = augment_batch(x, gen)

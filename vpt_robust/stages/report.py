@@ -143,6 +143,193 @@ def continual_table(continual: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROTOCOL_EXTRA = ("stream_mean_error", "continual_average_accuracy", "continual_forgetting")
+
+
+def sortable_key(key: str) -> str:
+    """A metric key whose eps sorts by size in MLflow's views: ``pgd_Linf_4/255`` ->
+    ``pgd_Linf_004-255`` (no slash, zero-padded numerator); other keys unchanged."""
+    head, sep, tail = key.rpartition("_")
+    num, slash, den = tail.partition("/")
+    if sep and slash and num.isdigit():
+        return f"{head}_{int(num):03d}-{den}"
+    return key
+
+
+def protocol_rows(
+    evaluation: dict[str, Any],
+    stream: dict[str, Any],
+    adapt: dict[str, Any],
+    tecoa: dict[str, Any],
+    continual: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The one protocol table: a row per method (evaluate's models on the base classes, TeCoA's
+    methods, the test-time adaptation methods, the continual methods), with clean, PGD per eps,
+    AutoAttack, stream mean error, continual average accuracy and forgetting, as % (mean over
+    seeds; None where a stage does not measure that method). Column names are sortable keys."""
+    columns = [sortable_key(c) for c in evaluation["metrics"]]
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(method: str, stage: str) -> dict[str, Any]:
+        return rows.setdefault(
+            method,
+            {"method": method, "stage": stage, **dict.fromkeys(columns + list(PROTOCOL_EXTRA))},
+        )
+
+    def pct(stats: dict[str, Any]) -> float:
+        return round(100 * float(stats["mean"]), 2)
+
+    for model, by_split in evaluation["results"].items():
+        for key, stats in by_split.get("base", {}).items():
+            row(model, "evaluate")[sortable_key(key)] = pct(stats)
+    for model, res in stream["results"].items():
+        row(model, "evaluate")["stream_mean_error"] = pct(res["mean_error"])
+    for method, by_split in tecoa["results"].items():
+        target = row(f"tecoa/{method}", "tecoa")
+        for key, stats in by_split.get("base", next(iter(by_split.values()), {})).items():
+            if sortable_key(key) in target:
+                target[sortable_key(key)] = pct(stats)
+    for method, res in adapt["results"].items():
+        row(f"tta/{method}", "stream_adapt")["stream_mean_error"] = pct(res["mean_error"])
+    for method, res in continual["results"].items():
+        target = row(f"continual/{method}", "continual")
+        target["continual_average_accuracy"] = pct(res["average_accuracy"])
+        target["continual_forgetting"] = pct(res["forgetting"])
+    return list(rows.values())
+
+
+def _stream_figure(stream: dict[str, Any], adapt: dict[str, Any]) -> Any:
+    """Error (%) per stream position, one line per method: the source models (stream_eval)
+    and each test-time adaptation method (stream_adapt), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, data, title in (
+        (axes[0], stream, "source models (stream_eval)"),
+        (axes[1], adapt, "test-time adaptation (stream_adapt)"),
+    ):
+        for name, res in data["results"].items():
+            rows = res["stream"]
+            ax.plot(range(len(rows)), [100 * r["error"] for r in rows], marker=".", label=name)
+        first = next(iter(data["results"].values()))["stream"]
+        ax.set_xticks(range(len(first)))
+        ax.set_xticklabels(
+            [f"{r['corruption']}:{r['severity']}" for r in first], rotation=80, fontsize=6
+        )
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("error (%)")
+    fig.tight_layout()
+    return fig
+
+
+def _heatmaps(continual: dict[str, Any]) -> Any:
+    """Per continual method, its accuracy matrix (task evaluated x after training task,
+    mean over seeds) as a heatmap with the values written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrices = continual["matrices"]
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
+    for ax, (method, m) in zip(axes[0], matrices.items(), strict=True):
+        acc = np.array(m["accuracy"], dtype=float)  # seeds x tasks x tasks, NaN = not yet seen
+        mean = 100 * np.nanmean(acc, axis=0) if np.isfinite(acc).any() else acc[0]
+        ax.imshow(mean, vmin=0, vmax=100, cmap="viridis")
+        for (j, t), v in np.ndenumerate(mean):
+            if np.isfinite(v):
+                ax.text(t, j, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("after training task")
+        ax.set_ylabel("task evaluated")
+    fig.suptitle("continual: accuracy (%) matrix", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def pixel_prompt_images(params: Params) -> dict[str, Any]:
+    """Each learned pixel prompt (first seed) rendered as an image: the prompt applied to a
+    zero image (what it adds, in the space it adds in), min-max scaled to [0, 1], as an
+    (H, W, 3) float array; families without a pixel prompt or not trained are left out."""
+    import numpy as np
+    import torch
+
+    from vpt_robust.prompts.io import load_prompt_state
+    from vpt_robust.prompts.registry import build_prompt, prompt_place
+    from vpt_robust.stages.build import prompt_path
+
+    layout = Layout.of(params)
+    images: dict[str, Any] = {}
+    for family in families(params):
+        name = family_name(params, family)
+        path = prompt_path(layout, name, params.train.seeds[0])
+        pixel = [(k, a) for k, a in family.parts() if prompt_place(k) == "pixel"]
+        if not pixel or not path.with_suffix(".safetensors").is_file():
+            continue
+        tensors, meta = load_prompt_state(path)
+        kind, args = pixel[0]
+        size = int(meta["image_size"])
+        module = build_prompt(kind, args, size)
+        state = {
+            k[len("pixel_prompt.") :]: v
+            for k, v in tensors.items()
+            if k.startswith("pixel_prompt.")
+        }
+        module.load_state_dict(state)
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, size, size))[0].permute(1, 2, 0).float().numpy()
+        lo, hi = float(out.min()), float(out.max())
+        images[name] = np.clip((out - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    return images
+
+
+def log_browsable(
+    run: StageRun,
+    params: Params,
+    backbone: dict[str, Any],
+    stages: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """What a reader of the MLflow UI sees in the report run without opening a file: tags to
+    filter by backbone and method, the protocol table (an MLflow table) and its values as
+    metrics ``<method>.<column>``, the eps curves, stream error curves per method, the
+    continual accuracy-matrix heatmaps and the learned pixel prompts as images."""
+    rows = protocol_rows(
+        stages["evaluate"], stages["stream_eval"], stages["stream_adapt"],
+        stages["tecoa"], stages["continual"],
+    )  # fmt: skip
+    methods = [r["method"] for r in rows]
+    run.set_tags(
+        {
+            "backbone": str(backbone.get("name")),
+            "backbone_source": str(backbone.get("source")),
+            "methods": ",".join(methods),
+            "families": ",".join(family_name(params, f) for f in families(params)),
+            **{f"method.{m}": "true" for m in methods},
+        }
+    )
+    run.log_table(rows, "protocol_table.json")
+    run.log_metrics(
+        {
+            f"{r['method']}.{k}": v
+            for r in rows
+            for k, v in r.items()
+            if k not in ("method", "stage") and v is not None
+        }
+    )
+    run.log_figure(
+        _stream_figure(stages["stream_eval"], stages["stream_adapt"]), "stream_error_curves.png"
+    )
+    run.log_figure(_heatmaps(stages["continual"]), "continual_accuracy_matrices.png")
+    for name, image in pixel_prompt_images(params).items():
+        run.log_image(image, f"prompt_{name}.png")
+    return rows
+
+
 def _plot(evaluation: dict[str, Any], path: Path) -> Any:
     import matplotlib
 
@@ -238,6 +425,9 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     fig = _plot(evaluation, out_dir / "robustness.png")
     run.log_text(text, "report.md")
     run.log_figure(fig, "robustness.png")
+    stages = {"evaluate": evaluation, "stream_eval": stream, "stream_adapt": adapt}
+    stages.update(tecoa=tecoa, continual=continual)
+    log_browsable(run, params, pretrain["backbone"], stages)
     summary = {
         "table": table,
         "zero_shot": zs,
