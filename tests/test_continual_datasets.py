@@ -367,3 +367,19 @@ def test_domain_incremental_embedded_sequence_is_one_task_per_style_unmasked(
     lower = torch.tril(torch.ones(n, n, dtype=torch.bool), -1)
     assert torch.isnan(res.acc[lower]).all() and not torch.isnan(res.acc[~lower]).any()
     assert len(res.train) == n
+
+
+class _RunsCode:
+    def __reduce__(self):  # a pickle that would call os.system when loaded
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_a_cifar_pickle_with_code_in_it_is_refused(root: Path) -> None:
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(), "labels": [0]}))
+    with pytest.raises(
+        tvs.DatasetFilesError, match=r"test_batch is not a CIFAR python pickle.*system"
+    ):
+        tvs.load_cifar10(root, "test")

@@ -169,10 +169,29 @@ def _check_split(split: str) -> None:
 # --------------------------------------------------------------------------- CIFAR
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's files are pickles of dicts of lists, bytes and numpy arrays: only numpy's
+    array-rebuilding globals may load, so a crafted file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, dataset: str, keys: Sequence[str]) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, OSError) as exc:
         raise DatasetFilesError(f"{dataset}: {path} is not a CIFAR python pickle ({exc})") from None
     missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
