@@ -125,6 +125,21 @@ class RandomBatches:
         return idx
 
 
+def _caption_tokens(
+    captions: Sequence[str], variants: Sequence[str], model: nn.Module, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ids of the distinct captions, and their tokens: row ``i * len(variants) + v``
+    is caption ``i`` wrapped in variant ``v``."""
+    if not variants or any("{}" not in v for v in variants):
+        raise ValueError(f"caption_variants: each needs a '{{}}' slot, got {variants!r}")
+    uniq = sorted(set(captions))
+    index = {c: i for i, c in enumerate(uniq)}
+    caption_ids = torch.tensor([index[c] for c in captions], device=device)
+    context_length = getattr(model, "context_length", 77)
+    tokens = clip_tokenize([v.format(c) for c in uniq for v in variants], context_length)
+    return caption_ids, tokens.to(device)
+
+
 def _lr_at(step: int, steps: int, warmup_steps: int, lr: float) -> float:
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
@@ -170,16 +185,8 @@ def pretrain_clip(
             f"data: {len(train)} images of the pretraining styles {list(data.pretrain_styles)} "
             f"are fewer than batch_size {batch_size}"
         )
-    uniq = sorted(set(train.captions))
-    index = {c: i for i, c in enumerate(uniq)}
-    caption_ids = torch.tensor([index[c] for c in train.captions], device=device)
-    if not caption_variants or any("{}" not in v for v in caption_variants):
-        raise ValueError(f"caption_variants: each needs a '{{}}' slot, got {caption_variants!r}")
-    context_length = getattr(model, "context_length", 77)
+    caption_ids, tokens = _caption_tokens(train.captions, caption_variants, model, device)
     n_var = len(caption_variants)
-    # tokens[i * n_var + v] is caption i wrapped in variant v
-    tokens = clip_tokenize([v.format(c) for c in uniq for v in caption_variants], context_length)
-    tokens = tokens.to(device)
     images = train.images.to(device)
     normalize = clip_normalizer(model, device)
 
