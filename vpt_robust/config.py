@@ -511,6 +511,38 @@ class ContinualConfig(Block):
         return self
 
 
+class DatasetSource(Block):
+    """One labelled image set read from local files (``vpt_robust/data/torchvision_sets.py``,
+    never downloaded): ``dataset`` in torchvision's on-disk format under ``root``, its ``split``,
+    at most ``per_class`` images per class (a draw seeded by ``seed``; null: all).
+    ``class_names``: for ``imagefolder`` only, a text file naming the class folders in order."""
+
+    dataset: Literal[
+        "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "notmnist"
+    ]
+    root: str
+    split: Literal["train", "test"] = "test"
+    per_class: int | None = Field(None, ge=1)
+    seed: int = 0
+    class_names: str | None = None
+
+    @model_validator(mode="after")
+    def _names_for_folders(self) -> DatasetSource:
+        if self.class_names is not None and self.dataset != "imagefolder":
+            raise ValueError(f"class_names is for dataset imagefolder only, not {self.dataset!r}")
+        return self
+
+
+class TeCoAData(Block):
+    """Real data for the tecoa stage: prompts train on ``train`` (its classes are the base
+    classes) and are evaluated zero-shot on every set of ``eval`` (name -> set; each with its own
+    classes), all resized to ``image_size`` (the backbone's input size)."""
+
+    train: DatasetSource
+    eval: dict[str, DatasetSource] = Field(min_length=1)
+    image_size: int = Field(224, ge=8, le=1024)
+
+
 class TeCoAConfig(Block):
     """The tecoa stage (``methods/tecoa.py``): TeCoA on the embedded default's base classes in
     the PRETRAINING styles, evaluated zero-shot on the novel classes, on the held-out styles and
@@ -545,9 +577,10 @@ class TeCoAConfig(Block):
     autoattack_eps: list[Eps] = Field(default_factory=lambda: [1 / 255])
     autoattack_samples: int = Field(100, ge=1)
     autoattack_seed: int = 0
-    autoattack_splits: list[Literal["novel", "heldout_styles", "base"]] = Field(
+    autoattack_splits: list[str] = Field(
         default_factory=lambda: ["novel", "heldout_styles", "base"]
     )
+    data: TeCoAData | None = None
     variants: list[PromptConfig] = Field(
         default_factory=lambda: [PromptConfig(kind="vpt", name="vpt", length=32)], min_length=1
     )
@@ -579,6 +612,14 @@ class TeCoAConfig(Block):
         if bad:
             raise ValueError(f"{bad}: a TeCoA variant is a pixel/token prompt with the text head")
         return v
+
+    @model_validator(mode="after")
+    def _autoattack_splits_exist(self) -> TeCoAConfig:
+        known = list(self.data.eval) if self.data else ["novel", "heldout_styles", "base"]
+        bad = [s for s in self.autoattack_splits if s not in known]
+        if bad:
+            raise ValueError(f"tecoa.autoattack_splits: {bad} are not evaluation splits {known}")
+        return self
 
 
 class StreamsAttackConfig(Block):

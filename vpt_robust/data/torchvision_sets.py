@@ -1,4 +1,5 @@
-"""Continual-learning task sequences from local copies of torchvision data sets.
+"""Labelled images from local copies of torchvision data sets and image folders, and the
+continual-learning task sequences built from them.
 
 The files are read in the formats torchvision leaves on disk (nothing is downloaded at run time;
 a missing file is a clear error naming the data set, the path expected and how to get it once).
@@ -14,6 +15,8 @@ Under one ``root``:
 - notMNIST (no torchvision class): ``notMNIST/Train/<A..J>/*.png`` and
   ``notMNIST/Test/<A..J>/*.png``, the layout of the Adversarial-Continual-Learning
   ``notMNIST.zip`` that the 5-datasets benchmark uses (L2P's PyTorch port reads the same).
+- An image folder (torchvision's ``ImageFolder`` layout, e.g. ImageNet's ``train/``):
+  ``root/<class>/<image>``, resized and centre-cropped as CLIP preprocesses.
 
 Every reader returns uint8 images ``(N, 3, S, S)`` (grayscale repeated to three channels,
 resized bilinearly to ``image_size`` S) with the data set's own train or test split, optionally
@@ -53,6 +56,9 @@ __all__ = [
     "load_mnist",
     "load_notmnist",
     "load_svhn",
+    "DATASETS",
+    "load_dataset",
+    "load_image_folder",
     "read_idx",
     "torchvision_sequence",
 ]
@@ -110,8 +116,7 @@ def _root(root: str | Path, dataset: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DatasetFilesError(
-            f"{dataset}: data root {path} is not a directory (continual.root); "
-            + _HOW[dataset].format(root=path)
+            f"{dataset}: data root {path} is not a directory; " + _HOW[dataset].format(root=path)
         )
     return path
 
@@ -423,6 +428,66 @@ def load_notmnist(
     return LabelledImages(images, torch.from_numpy(y[keep]), tuple(names))
 
 
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder_names(root: Path, folders: list[Path], class_names: str | Path | None) -> list[str]:
+    if class_names is None:
+        return [f.name.replace("_", " ") for f in folders]
+    path = Path(class_names).expanduser()
+    if not path.is_file():
+        raise DatasetFilesError(f"image folder: class_names file {path} not found")
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if len(names) != len(folders):
+        raise DatasetFilesError(
+            f"image folder: {path} names {len(names)} classes but {root} has {len(folders)} "
+            "class folders (one name per line, in the folders' sorted order)"
+        )
+    return names
+
+
+def load_image_folder(
+    root: str | Path,
+    split: Split = "train",
+    *,
+    per_class: int | None = None,
+    seed: int = 0,
+    image_size: int = 224,
+    class_names: str | Path | None = None,
+) -> LabelledImages:
+    """torchvision's ``ImageFolder`` layout: ``root/<class>/<image>`` (class = the sorted
+    folder's position; ImageNet's ``train/`` or ``val/`` folder is such a root). ``split`` is
+    not used (the root is one split). Images are resized so the shorter side is
+    ``image_size`` and centre-cropped (CLIP's preprocessing); only the drawn images are
+    decoded. ``class_names``: a text file with one name per line in the folders' order (for
+    ImageNet's wnid folders); by default the folder names (``_`` -> space)."""
+    from vpt_robust.data.images import IMAGE_SUFFIXES, read_image
+
+    _check_split(split)
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DatasetFilesError(f"image folder: {base} is not a directory (root/<class>/<image>)")
+    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    if not folders:
+        raise DatasetFilesError(f"image folder: {base} has no class sub-folders")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for c, folder in enumerate(folders):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetFilesError(f"image folder: no images in {folder}")
+        paths.extend(files)
+        labels.extend([c] * len(files))
+    y = np.asarray(labels, dtype=np.int64)
+    keep = _pick(y, per_class, seed)
+    try:
+        images = torch.stack([read_image(paths[i], image_size) for i in keep])
+    except ValueError as exc:
+        raise DatasetFilesError(f"image folder: {exc}") from None
+    names = _folder_names(base, folders, class_names)
+    return LabelledImages(images, torch.from_numpy(y[keep]), tuple(names))
+
+
 # --------------------------------------------------------------------------- sequences
 
 FIVE_DATASETS: tuple[tuple[str, Callable[..., LabelledImages]], ...] = (
@@ -432,6 +497,29 @@ FIVE_DATASETS: tuple[tuple[str, Callable[..., LabelledImages]], ...] = (
     ("svhn", load_svhn),
     ("notmnist", load_notmnist),
 )
+
+
+DATASETS: dict[str, Callable[..., LabelledImages]] = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "svhn": load_svhn,
+    "notmnist": load_notmnist,
+    "imagefolder": load_image_folder,
+}
+
+
+def load_dataset(name: str, root: str | Path, split: Split = "train", **kw: Any) -> LabelledImages:
+    """The reader ``DATASETS[name]`` (keywords: ``per_class``, ``seed``, ``image_size``; an
+    image folder also takes ``class_names``)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset: {name!r} is not one of {sorted(DATASETS)}")
+    if kw.get("class_names") is not None and name != "imagefolder":
+        raise ValueError(f"dataset: class_names is for imagefolder only, not {name!r}")
+    if name != "imagefolder":
+        kw.pop("class_names", None)
+    return DATASETS[name](root, split, **kw)
 
 
 def _assemble(

@@ -14,7 +14,10 @@ Methods: ``zero_shot`` (the frozen model), ``clean_<v>`` (clean prompt tuning of
 variant), ``no_text_<v>`` (adversarial tuning of the same prompt through a linear head, then
 evaluated zero-shot with the head dropped), ``tecoa_<v>`` per variant, ``tecoa_finetune`` (the
 image tower; ``finetune: true``). The splits are derived here from ``splits.npz`` and the data
-(seeded by ``tecoa.data_seed``), so the prepare stage's splits stay as they are.
+(seeded by ``tecoa.data_seed``), so the prepare stage's splits stay as they are. With
+``tecoa.data`` set (a real backbone's preset), training reads one local data set (an ImageNet
+folder, CIFAR-100, ...) and every set of ``tecoa.data.eval`` is a zero-shot split of its own
+classes, in place of the three above.
 
 Every evaluated model passes the gradient-masking checks: robust <= clean per sample and no
 masked or stochastic gradients (``robust_accuracy``), robust accuracy falling with eps
@@ -37,12 +40,15 @@ from vpt_robust.attacks.checks import RobustnessCheckError
 from vpt_robust.config import (
     AttackConfig,
     AutoAttackConfig,
+    DatasetSource,
     EvaluateConfig,
     Params,
     PromptConfig,
+    TeCoAData,
     TrainConfig,
 )
 from vpt_robust.data.embedded import EmbeddedData, load_embedded
+from vpt_robust.data.torchvision_sets import LabelledImages, load_dataset
 from vpt_robust.methods.objectives import cross_entropy_objective
 from vpt_robust.methods.optim import autocast_dtype
 from vpt_robust.methods.supervised import train_prompt
@@ -79,6 +85,28 @@ class Split:
     index: torch.Tensor
     classes: list[str]
     offset: int
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation split as the evaluation sees it: uint8 images, labels in ``classes``'
+    order, and per-sample ids (they seed the attacks' starts and the AutoAttack subset)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TeCoASets:
+    """The training set (its classes are the base classes) and the evaluation splits."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    splits: dict[str, EvalSet]
+    protocol: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,63 @@ def tecoa_splits(
         if len(split.index) == 0:
             raise ValueError(f"tecoa: the {name} split is empty; is the embedded data complete?")
     return train, out
+
+
+EMBEDDED_PROTOCOL = {
+    "train": "base classes, pretraining styles (images of pretrain_train)",
+    "splits": {
+        "novel": "(a) novel classes, pretraining styles, images outside pretraining",
+        "heldout_styles": "(b) base classes in the held-out styles",
+        "base": "(c) base classes, pretraining styles, images outside pretraining",
+    },
+}
+
+
+def _embedded_sets(params: Params, layout: Layout) -> TeCoASets:
+    data = load_embedded(layout.data)
+    train, splits = tecoa_splits(params, data, load_splits(layout))
+    sets = {
+        name: EvalSet(data.images[s.index], data.labels[s.index] - s.offset, s.classes, s.index)
+        for name, s in splits.items()
+    }
+    base = list(data.class_names[: params.data.base_classes])
+    return TeCoASets(data.images[train], data.labels[train], base, sets, EMBEDDED_PROTOCOL)
+
+
+def _read(src: DatasetSource, size: int) -> LabelledImages:
+    return load_dataset(
+        src.dataset, src.root, src.split, per_class=src.per_class, seed=src.seed,
+        image_size=size, class_names=src.class_names,
+    )  # fmt: skip
+
+
+def _real_sets(data: TeCoAData) -> TeCoASets:
+    train = _read(data.train, data.image_size)
+    sets = {}
+    for name, src in data.eval.items():
+        part = _read(src, data.image_size)
+        ids = torch.arange(len(part.labels))
+        sets[name] = EvalSet(part.images, part.labels, list(part.class_names), ids)
+    where = lambda s: f"{s.dataset} {s.split} split at {s.root}"  # noqa: E731
+    protocol = {
+        "train": where(data.train),
+        "splits": {name: where(src) for name, src in data.eval.items()},
+    }
+    return TeCoASets(train.images, train.labels, list(train.class_names), sets, protocol)
+
+
+def tecoa_sets(params: Params) -> TeCoASets:
+    """The training images and evaluation splits: the embedded protocol, or ``tecoa.data``."""
+    if params.tecoa.data is None:
+        return _embedded_sets(params, Layout.of(params))
+    sets = _real_sets(params.tecoa.data)
+    gen = torch.Generator().manual_seed(params.tecoa.data_seed)
+    keep = _cap(torch.arange(len(sets.labels)), params.tecoa.n_train, gen)
+    splits = {}
+    for name, s in sets.splits.items():
+        k = _cap(torch.arange(len(s.labels)), params.tecoa.n_test, gen)
+        splits[name] = EvalSet(s.images[k], s.labels[k], s.classes, s.index[k])
+    return TeCoASets(sets.images[keep], sets.labels[keep], sets.classes, splits, sets.protocol)
 
 
 def methods(params: Params) -> list[Method]:
@@ -265,7 +350,7 @@ def _summarise(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
 
 
 def _eval_model(
-    name: str, seed: int, backbone: Backbone, split: Split, params: Params
+    name: str, seed: int, backbone: Backbone, split: EvalSet, params: Params
 ) -> PromptedClassifier:
     if name == ZERO_SHOT:
         return classifier(backbone, split.classes, params, prompted=False)
@@ -278,8 +363,7 @@ def _eval_model(
 def _evaluate_all(
     names: list[str],
     backbone: Backbone,
-    data: EmbeddedData,
-    splits: dict[str, Split],
+    splits: dict[str, EvalSet],
     params: Params,
     device: torch.device,
 ) -> dict[str, dict[str, list[dict[str, float]]]]:
@@ -288,13 +372,11 @@ def _evaluate_all(
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
     for split_name, split in splits.items():
         n_aa = min(params.tecoa.autoattack_samples, len(split.index))
-        images = data.images[split.index]
-        labels = data.labels[split.index] - split.offset
         for i, seed in enumerate(params.tecoa.seeds):
             for name in names:
                 model = _eval_model(name, seed, backbone, split, params)
                 row, _ = evaluate_model(
-                    model, images, labels, split.index, ev, device=device, seed=seed,
+                    model, split.images, split.labels, split.index, ev, device=device, seed=seed,
                     run_autoattack=i == 0 and split_name in params.tecoa.autoattack_splits,
                 )  # fmt: skip
                 check_autoattack_not_above_pgd(row, n_aa, f"{name} on {split_name}, seed {seed}")
@@ -347,9 +429,7 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def _train_all(
     rows: list[Method],
     backbone: Backbone,
-    data: EmbeddedData,
-    train_idx: torch.Tensor,
-    base: list[str],
+    sets: TeCoASets,
     params: Params,
     device: torch.device,
     run: StageRun,
@@ -362,7 +442,7 @@ def _train_all(
         per_seed = {}
         for seed in params.tecoa.seeds:
             model, summary, finetune = train_method(
-                method, backbone, data.images[train_idx], data.labels[train_idx], base, params,
+                method, backbone, sets.images, sets.labels, sets.classes, params,
                 seed=seed, device=device, run=run,
             )  # fmt: skip
             path = prompt_file(layout, method.name, seed)
@@ -398,16 +478,14 @@ def _train_all(
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
     device = setup_runtime(params)
-    data = load_embedded(layout.data)
-    train_idx, splits = tecoa_splits(params, data, load_splits(layout))
-    backbone = backbone_for(params, device)
-    base = list(data.class_names[: params.data.base_classes])
+    backbone = backbone_for(params, device)  # seconds; a real data set can take minutes
+    sets = tecoa_sets(params)
     rows = methods(params)
     run.log_params(
         {"tecoa": params.tecoa.model_dump(mode="json"), "head": params.head.model_dump()}
     )
-    training = _train_all(rows, backbone, data, train_idx, base, params, device, run)
-    raw = _evaluate_all([m.name for m in rows], backbone, data, splits, params, device)
+    training = _train_all(rows, backbone, sets, params, device, run)
+    raw = _evaluate_all([m.name for m in rows], backbone, sets.splits, params, device)
     results = {m: {s: _summarise(r) for s, r in by.items()} for m, by in raw.items()}
     columns = metric_names(eval_params(params))
     table = _table(results, columns)
@@ -428,13 +506,11 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     run.log_artifact(plot)
     out = {
         "protocol": {
-            "train": "base classes, pretraining styles (images of pretrain_train)",
-            "splits": {
-                "novel": "(a) novel classes, pretraining styles, images outside pretraining",
-                "heldout_styles": "(b) base classes in the held-out styles",
-                "base": "(c) base classes, pretraining styles, images outside pretraining",
+            **sets.protocol,
+            "sizes": {
+                "train": len(sets.labels),
+                **{k: len(v.index) for k, v in sets.splits.items()},
             },
-            "sizes": {"train": len(train_idx), **{k: len(v.index) for k, v in splits.items()}},
         },
         "methods": [m.name for m in rows],
         "metrics": columns,
