@@ -161,6 +161,30 @@ def test_report_run_logs_table_tags_and_images(store) -> None:
     } <= files
 
 
+def test_show_prints_the_one_protocol_table_and_where_to_browse(store, capsys) -> None:
+    from vpt_robust.cli import main
+
+    root, _ = store
+    params_file = Path(__file__).resolve().parent.parent / "params.yaml"
+    sets = [f"--set=paths.{k}={root / k}" for k in ("data", "outputs", "metrics")]
+    assert main(["show", "--params", str(params_file), *sets]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:4] == ["method", "stage", "clean", "pgd_Linf_001-255"]
+    assert head[-3:] == ["stream error", "continual avg acc", "forgetting"]
+    by_method = {c[0]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in lines)}
+    assert by_method["padding"][1:4] == ["evaluate", "62.0", "41.0"]
+    assert by_method["padding"][-3] == "55.0"  # its stream mean error
+    assert by_method["tta/tent"][2] == "-" and by_method["tta/tent"][-3] == "45.0"
+    assert by_method["continual/l2p"][-2:] == ["60.0", "60.0"]
+    assert by_method["tecoa/tecoa_vpt"][2:4] == ["50.0", "30.0"]
+    assert "report.md" in out and "make ui" in out
+    (root / "outputs/report/protocol_table.md").unlink()
+    assert main(["show", "--params", str(params_file), *sets]) == 2
+    assert "run `vpt-robust repro` first" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def server(store):
     root, _ = store

@@ -119,10 +119,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     from vpt_robust.stages.common import Layout
 
     report = Layout.of(params).outputs / "report" / "report.md"
-    if not report.is_file():
-        print(f"error: {report} not found: run `dvc repro` first", file=sys.stderr)
+    table = report.with_name("protocol_table.md")
+    if not report.is_file() or not table.is_file():
+        print(f"error: {table} not found: run `vpt-robust repro` first", file=sys.stderr)
         return 2
-    print(report.read_text())
+    print("The protocol table (%, mean over seeds; `-`: not measured by that stage):\n")
+    print(table.read_text())
+    print(f"Every table, with std and per-split numbers: {report}")
     print(
         "Browse every run in MLflow: `make ui` (then open http://127.0.0.1:5000), "
         f"store {params.tracking.uri}, experiment '{params.tracking.experiment}'."

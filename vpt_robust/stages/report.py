@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,28 @@ def protocol_rows(
     return list(rows.values())
 
 
+PROTOCOL_HEADINGS = {
+    "stream_mean_error": "stream error",
+    "continual_average_accuracy": "continual avg acc",
+    "continual_forgetting": "forgetting",
+}
+
+
+def protocol_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The protocol table as markdown: a row per method, % values, ``-`` where a stage does
+    not measure that method (e.g. AutoAttack for a test-time adaptation method)."""
+    columns = [k for k in rows[0] if k not in ("method", "stage")]
+    heads = [PROTOCOL_HEADINGS.get(c, c) for c in columns]
+    lines = [
+        "| method | stage | " + " | ".join(heads) + " |",
+        "|" + " --- |" * (len(columns) + 2),
+    ]
+    for r in rows:
+        cells = ["-" if r[c] is None else f"{r[c]:.1f}" for c in columns]
+        lines.append(f"| {r['method']} | {r['stage']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _stream_figure(stream: dict[str, Any], adapt: dict[str, Any]) -> Any:
     """Error (%) per stream position, one line per method: the source models (stream_eval)
     and each test-time adaptation method (stream_adapt), side by side."""
@@ -293,15 +316,13 @@ def log_browsable(
     params: Params,
     backbone: dict[str, Any],
     stages: dict[str, dict[str, Any]],
-) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]],
+) -> None:
     """What a reader of the MLflow UI sees in the report run without opening a file: tags to
     filter by backbone and method, the protocol table (an MLflow table) and its values as
     metrics ``<method>.<column>``, the eps curves, stream error curves per method, the
-    continual accuracy-matrix heatmaps and the learned pixel prompts as images."""
-    rows = protocol_rows(
-        stages["evaluate"], stages["stream_eval"], stages["stream_adapt"],
-        stages["tecoa"], stages["continual"],
-    )  # fmt: skip
+    continual accuracy-matrix heatmaps and the learned pixel prompts as images. ``rows``: the
+    protocol table (``protocol_rows``)."""
     methods = [r["method"] for r in rows]
     run.set_tags(
         {
@@ -327,7 +348,6 @@ def log_browsable(
     run.log_figure(_heatmaps(stages["continual"]), "continual_accuracy_matrices.png")
     for name, image in pixel_prompt_images(params).items():
         run.log_image(image, f"prompt_{name}.png")
-    return rows
 
 
 def _plot(evaluation: dict[str, Any], path: Path) -> Any:
@@ -376,9 +396,17 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         else "AutoAttack disabled."
     )
     zs = pretrain["zero_shot"]
+    rows = protocol_rows(evaluation, stream, adapt, tecoa, continual)
+    protocol = protocol_markdown(rows)
     text = "\n".join(
         [
             "# vpt-robust report",
+            "",
+            "The protocol table: every method of every stage, % (mean over seeds; evaluate's "
+            "and TeCoA's accuracies on the base classes, stream error on the corruption stream, "
+            "continual average accuracy and forgetting); `-`: not measured by that stage.",
+            "",
+            protocol,
             "",
             f"Backbone: {pretrain['backbone'].get('name')} ({pretrain['backbone'].get('source')}); "
             f"prompts: {', '.join(family_name(params, f) for f in families(params))}; seeds: {evaluation['seeds']}; "
@@ -422,12 +450,13 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     out_dir = layout.outputs / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
+    (out_dir / "protocol_table.md").write_text(protocol + "\n")
     fig = _plot(evaluation, out_dir / "robustness.png")
     run.log_text(text, "report.md")
     run.log_figure(fig, "robustness.png")
     stages = {"evaluate": evaluation, "stream_eval": stream, "stream_adapt": adapt}
     stages.update(tecoa=tecoa, continual=continual)
-    log_browsable(run, params, pretrain["backbone"], stages)
+    log_browsable(run, params, pretrain["backbone"], stages, rows)
     summary = {
         "table": table,
         "zero_shot": zs,
