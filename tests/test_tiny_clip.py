@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import open_clip
@@ -14,6 +15,7 @@ from vpt_robust.methods.pretrain import (
     RandomBatches,
     multi_positive_clip_loss,
     pretrain_clip,
+    supervised_warm_start,
 )
 from vpt_robust.models.tiny_clip import (
     TINY_CLIP_NAME,
@@ -148,6 +150,34 @@ def test_pretraining_reduces_the_loss(tiny_data: EmbeddedData) -> None:
     assert set(logged[0][1]) == {"loss", "lr", "logit_scale"}
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not model.training
+
+
+def test_supervised_warm_start_trains_only_the_image_tower_on_the_labels() -> None:
+    torch.manual_seed(0)
+    model = build_tiny_clip(**SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    labels = torch.arange(4).repeat(16)
+    colours = torch.tensor([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20]])
+    noise = torch.randint(0, 20, (64, 3, 32, 32))
+    images = (colours[labels][:, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(batch_size=16, lr=3e-3, weight_decay=0.0, device=torch.device("cpu"))
+    loss = supervised_warm_start(model, images, labels, steps=30, generator=gen, **kw)
+    assert loss < 0.3 * math.log(4)  # chance is log 4: the colours were learned
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("visual."))
+    visual = [k for k in before if k.startswith("visual.")]
+    changed = [k for k in visual if not torch.equal(after[k], before[k])]
+    assert len(changed) > 0.8 * len(visual)
+
+
+def test_pretraining_with_a_warm_start_reports_it(tiny_data: EmbeddedData) -> None:
+    torch.manual_seed(0)
+    kw = dict(steps=2, batch_size=32, lr=1e-3, weight_decay=0.0, warmup_steps=0, seed=0,
+              device=torch.device("cpu"))  # fmt: skip
+    result = pretrain_clip(build_tiny_clip(**SMALL), tiny_data, supervised_steps=3, **kw)
+    assert result["supervised_steps"] == 3 and result["supervised_final_loss"] > 0
+    assert "supervised_final_loss" not in pretrain_clip(build_tiny_clip(**SMALL), tiny_data, **kw)
 
 
 def test_pretraining_rejects_bad_arguments(tiny_data: EmbeddedData) -> None:

@@ -91,7 +91,9 @@ class BackboneConfig(Block):
 
 
 class PretrainConfig(Block):
-    """Contrastive pretraining of the embedded tiny CLIP (ignored for other backbones)."""
+    """Contrastive pretraining of the embedded tiny CLIP (ignored for other backbones), after
+    ``supervised_steps`` steps of a supervised warm start of its image tower on the class labels
+    (``methods/pretrain.py``)."""
 
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -99,6 +101,7 @@ class PretrainConfig(Block):
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
     augment: bool = False
+    supervised_steps: int = Field(0, ge=0)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -31,6 +31,7 @@ __all__ = [
     "clip_normalizer",
     "multi_positive_clip_loss",
     "pretrain_clip",
+    "supervised_warm_start",
 ]
 
 
@@ -147,6 +148,52 @@ def _lr_at(step: int, steps: int, warmup_steps: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * progress_))
 
 
+def supervised_warm_start(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    generator: torch.Generator,
+) -> float:
+    """Train the image tower on the class labels through a temporary linear head (dropped
+    afterwards); AdamW, warm-up then cosine decay. Returns the mean loss of the last tenth.
+
+    Why: contrastively from scratch the tower learns colour and style first (the loss stalls
+    near log 5, about the images of a batch that share them) and the shape late; an image tower
+    that already separates the classes lets the contrastive stage align the text tower in a
+    few hundred steps (LiT, Zhai et al. 2022, starts from a supervised image tower and locks
+    it; here both towers then train)."""
+    visual = model.visual
+    normalize = clip_normalizer(model, device)
+    n_classes = int(labels.max()) + 1
+    with torch.no_grad():
+        dim = model.encode_image(normalize(images[:2].float().div(255.0))).shape[-1]
+    head = nn.Linear(dim, n_classes).to(device)
+    params = [{"params": list(visual.parameters()) + list(head.parameters())}]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches = RandomBatches(len(labels), batch_size, generator)
+    labels = labels.to(device)
+    losses = []
+    model.train()
+    for step in progress(range(steps), desc="pretrain: supervised warm start", total=steps):
+        idx = batches.next().to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, max(1, steps // 10), lr)
+        x = normalize(images[idx].float().div_(255.0))
+        loss = F.cross_entropy(head(model.encode_image(x)), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    tenth = max(1, steps // 10)
+    return sum(losses[-tenth:]) / tenth
+
+
 def pretrain_clip(
     model: nn.Module,
     data: EmbeddedData,
@@ -162,13 +209,17 @@ def pretrain_clip(
     precision: str = "fp32",
     grad_clip: float | None = None,
     caption_variants: Sequence[str] = CAPTION_VARIANTS,
+    supervised_steps: int = 0,
     log_every: int = 10,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train an open_clip model contrastively on the pretraining styles' images and captions.
 
     AdamW with linear warm-up then cosine decay to zero; ``precision`` is ``"fp32"`` or
-    ``"bf16"`` (autocast). ``on_step(step, {"loss", "lr", "logit_scale"})`` is called every
+    ``"bf16"`` (autocast). ``supervised_steps`` > 0 first trains the image tower on the class
+    labels (``supervised_warm_start``, same lr and batch size) with its own generator, so the
+    contrastive steps' batches do not depend on it. ``on_step(step, {"loss", "lr",
+    "logit_scale"})`` is called every
     ``log_every`` steps and at the last one. The model is left in eval mode. Returns the mean
     loss of the first and last tenth of the steps, the final logit scale, wall time and
     images per second.
@@ -190,7 +241,15 @@ def pretrain_clip(
     images = train.images.to(device)
     normalize = clip_normalizer(model, device)
 
+    start = time.perf_counter()
     model.to(device).train()
+    warm_loss = None
+    if supervised_steps:
+        warm_loss = supervised_warm_start(
+            model, images, train.labels, steps=supervised_steps, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, device=device,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )  # fmt: skip
     optimizer = torch.optim.AdamW(
         _param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6
     )
@@ -199,7 +258,6 @@ def pretrain_clip(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     losses: list[float] = []
     batches = RandomBatches(len(train), batch_size, gen)
-    start = time.perf_counter()
     for step in progress(range(steps), desc="pretrain CLIP", total=steps):
         idx = batches.next().to(device)
         x = images[idx].float().div_(255.0)
@@ -244,6 +302,8 @@ def pretrain_clip(
         "final_loss": sum(losses[-tenth:]) / tenth,
         "logit_scale": float(model.logit_scale.exp().item()),
         "seconds": seconds,
-        "images_per_second": steps * batch_size / seconds,
+        "images_per_second": (steps + supervised_steps) * batch_size / seconds,
         "steps": float(steps),
+        "supervised_steps": float(supervised_steps),
+        **({"supervised_final_loss": warm_loss} if warm_loss is not None else {}),
     }

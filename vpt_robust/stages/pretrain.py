@@ -40,6 +40,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             augment=cfg.augment,
+            supervised_steps=cfg.supervised_steps,
             device=device,
             seed=params.data.seed,
             on_step=lambda step, m: run.log_metrics(m, step=step),
