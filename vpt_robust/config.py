@@ -62,9 +62,12 @@ class PathsConfig(Block):
 
 
 class DataConfig(Block):
-    """The embedded default data set and how it is split."""
+    """The embedded default data set and how it is split. ``target_style``: the held-out style
+    prompts train and are tested on (``night``: the frozen tiny CLIP is clearly above chance
+    there; ``neon``: close to chance, a harder domain shift)."""
 
     seed: int = 0
+    target_style: Literal["night", "neon"] = "night"
     image_size: int = Field(32, ge=8, le=512)
     per_class_style: int = Field(120, ge=4)
     base_classes: int = Field(12, ge=2)
@@ -95,13 +98,13 @@ class PretrainConfig(Block):
     ``supervised_steps`` steps of a supervised warm start of its image tower on the class labels
     (``methods/pretrain.py``)."""
 
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
     augment: bool = False
-    supervised_steps: int = Field(0, ge=0)
+    supervised_steps: int = Field(300, ge=0)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

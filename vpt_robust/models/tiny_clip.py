@@ -60,9 +60,9 @@ class TinyClipSpec:
 
     image_size: int = 32
     stem_channels: tuple[int, ...] = (32, 64, 128)
-    stem_depth: int = 1
-    width: int = 192
-    depth: int = 4
+    stem_depth: int = 2
+    width: int = 128
+    depth: int = 2
     heads: int = 4
     mlp_ratio: float = 2.0
     pool: str = "token"

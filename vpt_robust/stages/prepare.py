@@ -34,7 +34,12 @@ def make_splits(params: Params) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     gen = torch.Generator().manual_seed(cfg.seed)
     style_ids = {name: i for i, name in enumerate(data.style_names)}
     pre = torch.isin(data.styles, torch.tensor([style_ids[s] for s in data.pretrain_styles]))
-    target = data.styles == style_ids[data.heldout_styles[0]]
+    if cfg.target_style not in data.heldout_styles:
+        raise ValueError(
+            f"data.target_style: {cfg.target_style!r} is not a held-out style of "
+            f"{Layout.of(params).data} ({list(data.heldout_styles)})"
+        )
+    target = data.styles == style_ids[cfg.target_style]
     base = data.labels < cfg.base_classes
     all_idx = torch.arange(len(data.labels))
     pretrain_train, pretrain_test = _split(all_idx[pre], cfg.test_fraction, gen)
@@ -59,7 +64,7 @@ def make_splits(params: Params) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "base_classes": list(data.class_names[: cfg.base_classes]),
         "novel_classes": list(data.class_names[cfg.base_classes :]),
         "pretrain_styles": list(data.pretrain_styles),
-        "target_style": data.heldout_styles[0],
+        "target_style": cfg.target_style,
         "sizes": {k: len(v) for k, v in splits.items()},
     }
     return splits, info
