@@ -203,3 +203,27 @@ def test_stage_writes_every_method_and_metric(tmp_path: Path, monkeypatch) -> No
     assert [len(t["classes"]) for t in saved["sequence"]["tasks"]] == [5] * 4
     assert saved["results"]["joint"]["forgetting"]["values"] == [0.0, 0.0]
     assert len(saved["prompt_usage"]["l2p"][0]) == 4
+
+
+def test_zero_shot_head_option_gives_the_learners_the_text_head(micro_backbone: Backbone) -> None:
+    from vpt_robust.config import validate
+    from vpt_robust.models.classifier import build_classifier
+    from vpt_robust.stages.continual import method_specs
+
+    params = validate({"continual": {"head": "zero_shot", "pool_size": 4, "top_n": 1}})
+    geo, dim = micro_backbone.token_geometry, micro_backbone.feature_dim
+    specs = method_specs(params, geo.width, dim)
+    for name in ("l2p", "sequential", "joint"):
+        assert specs[name].head.kind == "zero_shot", name
+    assert specs["l2p"].prompt.args["readout"] == "pool"
+    names = ["circle", "square", "star"]
+    torch.manual_seed(0)
+    l2p = build_classifier(micro_backbone, names, specs["l2p"].prompt, specs["l2p"].head)
+    plain = build_classifier(micro_backbone, names, None, specs["zero_shot"].head)
+    assert l2p.num_trainable() > 0
+    assert not any(n.startswith("head.") for n, p in l2p.named_parameters() if p.requires_grad)
+    x = torch.rand(4, 3, micro_backbone.image_size, micro_backbone.image_size)
+    with torch.no_grad():
+        assert l2p.eval()(x).shape == plain.eval()(x).shape == (4, 3)
+    linear = method_specs(validate({}), geo.width, dim)
+    assert linear["l2p"].head.kind == "linear" and linear["l2p"].prompt.args["readout"] == "prompts"

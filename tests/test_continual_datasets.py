@@ -383,3 +383,19 @@ def test_a_cifar_pickle_with_code_in_it_is_refused(root: Path) -> None:
         tvs.DatasetFilesError, match=r"test_batch is not a CIFAR python pickle.*system"
     ):
         tvs.load_cifar10(root, "test")
+
+
+def test_class_incremental_in_a_held_out_style_takes_only_that_style() -> None:
+    data, splits = _embedded(per=6)
+    kw = {"tasks": 2, "n_train_per_class": 3, "n_test_per_class": 2}
+    night = STYLE_NAMES.index("night")
+    seq = build_sequence(validate({"continual": {**kw, "style": "night"}}), data, splits)
+    assert [t.classes for t in seq.tasks] == [(0, 1), (2, 3)]
+    for task in seq.tasks:
+        for part in (task.train, task.test):
+            assert set(data.styles[part].tolist()) == {night}
+    seq = build_sequence(validate({"continual": kw}), data, splits)  # the pretraining styles
+    pre = {STYLE_NAMES.index(s) for s in data.pretrain_styles}
+    used = torch.cat([torch.cat([t.train, t.test]) for t in seq.tasks])
+    assert set(data.styles[used].tolist()) <= pre
+    assert not set(used.tolist()) & set(splits["pretrain_train"].tolist())

@@ -451,7 +451,12 @@ class ContinualConfig(Block):
     class with ``data_seed``. Training per task: AdamW (weight decay 0), constant ``lr``,
     ``epochs`` per task, optimiser reset per task. The pool: ``pool_size`` prompts of
     ``prompt_length`` tokens, ``top_n`` selected, ``pull_weight`` on the key-pull loss.
-    ``sequential_length`` null: VPT tokens matching the pool's learned values.
+    ``style``: the class-incremental images' style: ``pretraining`` (the above) or a held-out
+    style (a domain shift, where prompts have something to learn).
+    ``sequential_length`` null: VPT tokens matching the pool's learned values. ``head``: the
+    classifier of l2p, sequential and joint: ``linear`` (L2P's ``prompt`` head: the prompt
+    tokens' mean output -> a linear layer) or ``zero_shot`` (the CLIP text head over the
+    classes, on the pooled feature; only the prompts learn).
 
     ``data``: ``embedded`` (the above) or local files in torchvision's on-disk formats under
     ``root`` (``vpt_robust/data/torchvision_sets.py``; never downloaded): ``split_cifar100``
@@ -466,6 +471,7 @@ class ContinualConfig(Block):
     root: str | None = None
     image_size: int = Field(32, ge=8, le=512)
     sequence: Literal["class_incremental", "domain_incremental"] = "class_incremental"
+    style: Literal["pretraining", "night", "neon"] = "pretraining"
     tasks: int = Field(5, ge=2)
     n_train_per_class: int | None = Field(30, ge=1)
     n_test_per_class: int | None = Field(20, ge=1)
@@ -484,6 +490,7 @@ class ContinualConfig(Block):
     batchwise: bool = False
     task_mask: bool = False
     pull_weight: float = Field(0.1, ge=0)
+    head: Literal["linear", "zero_shot"] = "linear"
     sequential_length: int | None = Field(None, ge=1)
     buffer_per_class: int = Field(0, ge=0)
     eps: Eps = 1 / 255

@@ -60,7 +60,12 @@ def build_sequence(params: Params, data: EmbeddedData, splits: dict[str, Any]) -
             cfg.data, cfg.root, image_size=cfg.image_size, tasks=cfg.tasks, **kw
         )
     if cfg.sequence == "class_incremental":
-        candidates = unseen_by_pretraining(data, splits["pretrain_train"])
+        if cfg.style == "pretraining":
+            candidates = unseen_by_pretraining(data, splits["pretrain_train"])
+        else:  # a held-out style: never seen by pretraining at all
+            if cfg.style not in data.style_names:
+                raise ValueError(f"continual.style: {cfg.style!r} is not in {data.style_names}")
+            candidates = (data.styles == data.style_names.index(cfg.style)).nonzero().squeeze(1)
         tasks = class_incremental(data.labels, candidates, cfg.tasks, **kw)
         kind = "class"
     else:
@@ -78,10 +83,11 @@ def build_sequence(params: Params, data: EmbeddedData, splits: dict[str, Any]) -
 def method_specs(params: Params, width: int, key_dim: int) -> dict[str, MethodSpec]:
     """Prompt family, head and aux weight of every method."""
     cfg = params.continual
-    linear = HeadConfig(kind="linear", templates=params.head.templates)
+    linear = HeadConfig(kind=cfg.head, templates=params.head.templates)
     pool = PromptConfig(
         kind="l2p", size=cfg.pool_size, length=cfg.prompt_length, top_n=cfg.top_n,
         batchwise=cfg.batchwise, task_mask=cfg.task_mask,
+        readout="prompts" if cfg.head == "linear" else "pool",
     )  # fmt: skip
     length = cfg.sequential_length or matched_vpt_length(
         width, key_dim, cfg.pool_size, cfg.prompt_length
