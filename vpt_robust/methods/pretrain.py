@@ -194,6 +194,25 @@ def supervised_warm_start(
     return sum(losses[-tenth:]) / tenth
 
 
+def _pretraining_set(
+    data: EmbeddedData, steps: int, batch_size: int, precision: str
+) -> EmbeddedData:
+    """The pretraining styles' images, after checking the arguments that would waste a run."""
+    if steps < 1:
+        raise ValueError(f"steps: {steps} must be >= 1")
+    if batch_size < 2:
+        raise ValueError(f"batch_size: {batch_size} must be >= 2 for a contrastive loss")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: {precision!r} is not 'fp32' or 'bf16'")
+    train = data.subset(data.style_mask(data.pretrain_styles))
+    if len(train) < batch_size:
+        raise ValueError(
+            f"data: {len(train)} images of the pretraining styles {list(data.pretrain_styles)} "
+            f"are fewer than batch_size {batch_size}"
+        )
+    return train
+
+
 def pretrain_clip(
     model: nn.Module,
     data: EmbeddedData,
@@ -219,23 +238,10 @@ def pretrain_clip(
     ``"bf16"`` (autocast). ``supervised_steps`` > 0 first trains the image tower on the class
     labels (``supervised_warm_start``, same lr and batch size) with its own generator, so the
     contrastive steps' batches do not depend on it. ``on_step(step, {"loss", "lr",
-    "logit_scale"})`` is called every
-    ``log_every`` steps and at the last one. The model is left in eval mode. Returns the mean
-    loss of the first and last tenth of the steps, the final logit scale, wall time and
-    images per second.
+    "logit_scale"})`` runs every ``log_every`` steps and at the last. The model is left in eval
+    mode. Returns the first and last tenth's mean loss, the logit scale, time and images/s.
     """
-    if steps < 1:
-        raise ValueError(f"steps: {steps} must be >= 1")
-    if batch_size < 2:
-        raise ValueError(f"batch_size: {batch_size} must be >= 2 for a contrastive loss")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision: {precision!r} is not 'fp32' or 'bf16'")
-    train = data.subset(data.style_mask(data.pretrain_styles))
-    if len(train) < batch_size:
-        raise ValueError(
-            f"data: {len(train)} images of the pretraining styles {list(data.pretrain_styles)} "
-            f"are fewer than batch_size {batch_size}"
-        )
+    train = _pretraining_set(data, steps, batch_size, precision)
     caption_ids, tokens = _caption_tokens(train.captions, caption_variants, model, device)
     n_var = len(caption_variants)
     images = train.images.to(device)
