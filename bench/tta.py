@@ -1,6 +1,6 @@
 """Test-time adaptation on the embedded default: error and cost of each method, same stream.
 
-source vs Tent vs CoTTA vs VDP (+ ablations) vs TPT on one corruption stream over the
+source vs norm vs Tent vs CoTTA vs VDP (+ ablations) vs TPT on one corruption stream over the
 PRETRAINING styles' test images (split ``pretrain_test``: the source model is good there, so
 adaptation has something to keep), every method on the same stream object, several seeds (the
 stream's sample order and every method's generator follow the seed). Cost per batch of each
@@ -37,7 +37,16 @@ from vpt_robust.models.classifier import build_classifier
 from vpt_robust.stages.build import backbone_for, classifier
 from vpt_robust.stages.common import Layout, load_splits, setup_runtime
 
-METHODS = ["source", "tent", "cotta", "vdp", "vdp_dap_only", "vdp_dsp_only", "vdp_no_homeostasis"]
+METHODS = [
+    "source",
+    "norm",
+    "tent",
+    "cotta",
+    "vdp",
+    "vdp_dap_only",
+    "vdp_dsp_only",
+    "vdp_no_homeostasis",
+]
 
 
 def _method_args(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model = classifier(backbone, names, params, prompted=False)
             cfg = dict(margs.get(method, {}))
-            if method not in ("source", "tent"):
+            if method not in ("source", "norm", "tent"):
                 cfg.setdefault("seed", seed)
             torch.manual_seed(seed)
             res = run_stream(build_adapter(method, model, **cfg), stream)

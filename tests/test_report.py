@@ -103,6 +103,30 @@ def test_stream_aggregation_refuses_seeds_with_different_streams() -> None:
         aggregate_stream({"m": []})
 
 
+def test_stream_aggregation_by_domain_pools_seeds_whose_order_differs() -> None:
+    first = _seed_rows([0.2, 0.4, 0.6])
+    second = [dict(r, segment=i) for i, r in enumerate(reversed(_seed_rows([0.1, 0.3, 0.5])))]
+    second.append({**second[0], "segment": 3, "error": 0.3, "n": 30})  # a domain seen twice
+    with pytest.raises(ValueError, match="stream order differs"):
+        aggregate_stream({"m": [first, second]})
+    results, curve = aggregate_stream({"m": [first, second]}, by_domain=True)
+    table = results["m"]["stream"]
+    assert [r["corruption"] for r in table] == ["gaussian_noise", "shot_noise", "elastic_transform"]
+    # elastic_transform in seed 1: (0.5 * 10 + 0.3 * 30) / 40 = 0.35, pooled by sample count
+    assert table[2]["errors"] == pytest.approx([0.6, 0.35]) and table[2]["n"] == 10
+    assert table[0]["errors"] == pytest.approx([0.2, 0.1])
+    assert results["m"]["mean_error"]["values"] == pytest.approx([0.4, (0.9 + 0.3) / 4])
+    assert [c["domain"] for c in curve] == [
+        "gaussian_noise:5",
+        "shot_noise:5",
+        "elastic_transform:5",
+    ]
+    other = _seed_rows([0.1, 0.2, 0.3])
+    other[1]["corruption"] = "impulse_noise"
+    with pytest.raises(ValueError, match=r"\[1\]: its domains differ"):
+        aggregate_stream({"m": [first, other]}, by_domain=True)
+
+
 def test_method_tables_show_every_method_with_its_numbers() -> None:
     from vpt_robust.stages.report import adapt_table, continual_table, tecoa_table
 

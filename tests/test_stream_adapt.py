@@ -93,7 +93,7 @@ def test_the_stage_writes_every_method_in_the_stream_eval_shape(project, smoke_r
     cfg = project.adapt
     names = [m.label for m in cfg.methods]
     assert names == [
-        "source", "tent", "cotta", "vdp", "vdp_dap_only", "vdp_dsp_only",
+        "source", "norm", "tent", "cotta", "vdp", "vdp_dap_only", "vdp_dsp_only",
         "vdp_no_homeostasis", "tpt",
     ]  # fmt: skip
     assert list(out["results"]) == names and saved["protocol"] == "continual"
@@ -112,7 +112,10 @@ def test_the_stage_writes_every_method_in_the_stream_eval_shape(project, smoke_r
     cost = {n: r["cost"]["relative"] for n, r in saved["results"].items()}
     assert cost["source"] == 1.0 and cost["tent"] == 3.0  # one forward + one backward per image
     assert cost["cotta"] > cost["tent"] and saved["results"]["tpt"]["cost"]["ratio_to_source"] > 1
-    assert set(saved["protocols"]) == {"continual", "correlated"}
+    assert set(saved["protocols"]) == {"continual", "correlated", "mixed"}
+    # mixed draws its order per seed: one row per domain, in the standard order
+    mixed = saved["protocols"]["mixed"]["results"]["source"]["stream"]
+    assert [r["corruption"] for r in mixed] == cfg.corruptions and len(mixed[0]["errors"]) == n_seeds
     assert saved["protocols"]["continual"]["results"] == saved["results"]
     assert saved["protocols"]["correlated"]["stream"]["dirichlet"] == cfg.dirichlet
     # The curve (dvc plot) holds every method's per-domain error of the default protocol.
@@ -203,8 +206,8 @@ def test_a_bad_method_arg_stops_before_anything_runs(project, monkeypatch) -> No
 
     raw = deep_merge(project.model_dump(mode="json"), {"adapt": {}})
     raw["adapt"]["methods"] = copy.deepcopy(raw["adapt"]["methods"])
-    raw["adapt"]["methods"][3]["ema"] = 1.5
-    with pytest.raises(ConfigError, match="adapt.methods.3: bad arguments for adapter 'vdp': ema"):
+    raw["adapt"]["methods"][4]["ema"] = 1.5
+    with pytest.raises(ConfigError, match="adapt.methods.4: bad arguments for adapter 'vdp': ema"):
         validate(raw)
 
 
@@ -218,6 +221,12 @@ def test_tpt_on_a_classifier_backbone_is_refused_before_it_runs(project) -> None
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"adapt.methods: \['tpt'\] tune CLIP's text context"):
         check_models(project, plain, None)
+    no_tpt = [m for m in project.adapt.methods if m.method != "tpt"]
+    params = project.model_copy(
+        update={"adapt": project.adapt.model_copy(update={"methods": no_tpt})}
+    )
+    with pytest.raises(ValueError, match=r"adapt.methods: \['norm'\] normalise with test-batch"):
+        check_models(params, plain, None)
 
 
 def test_the_cifar10c_preset_is_severity_5_and_fails_clearly_without_files(

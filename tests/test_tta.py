@@ -106,6 +106,22 @@ def test_registry_errors_name_the_method_and_argument(net: BNNet) -> None:
         build_adapter("source", net)(torch.zeros(3, 16, 16))
 
 
+# ---------------------------------------------------------------- norm
+
+
+def test_norm_uses_test_batch_statistics_and_never_writes_the_model(net, shifted) -> None:
+    x, y = shifted
+    before = _snapshot(net)
+    source, norm = build_adapter("source", net), build_adapter("norm", net)
+    src_acc = float((source(x).argmax(-1) == y).float().mean())
+    norm_acc = float((norm(x).argmax(-1) == y).float().mean())
+    assert norm_acc > src_acc + 0.2  # the contrast shift is a BatchNorm-statistics shift
+    assert _identical(_snapshot(net), before)
+    assert norm(x[:32]).shape == (32, 10)
+    with pytest.raises(ValueError, match="norm: the model has no BatchNorm"):
+        build_adapter("norm", nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)))
+
+
 # ---------------------------------------------------------------- Tent
 
 
@@ -224,6 +240,28 @@ def test_vdp_detects_a_domain_change_and_restarts_the_dsp(net) -> None:
     assert int(vdp.opt.state[vdp.student["dsp"].delta]["step"]) == 1  # restarted from zero:
     assert float(vdp.student["dsp"].delta.detach().abs().max()) <= lr * 1.001  # one step away
     assert int(vdp.opt.state[vdp.student["dap"].delta]["step"]) == dap_steps + 1  # kept
+
+
+def test_vdp_before_adapting_predicts_as_its_frozen_source(net, shifted) -> None:
+    x, _ = shifted
+    for batch_stats, peer in ((True, "norm"), (False, "source")):
+        vdp = build_adapter("vdp", net, batch_stats=batch_stats, **FAST)
+        assert torch.equal(vdp(x), build_adapter(peer, net)(x))
+
+
+def test_vdp_hard_target_has_a_gradient_where_the_soft_target_has_none(net, shifted) -> None:
+    x, _ = shifted  # no augmented views: the teacher's target is the student's own output
+    norms = {}
+    for target in ("soft", "hard"):
+        vdp = build_adapter("vdp", net, target=target, confidence=0.0, steps=2, **FAST)
+        vdp(x)
+        assert vdp.counts["backward"] == 2 * len(x)
+        vdp.reset()
+        vdp._ensure(x)
+        with torch.no_grad():
+            teacher = vdp.model(x)
+        norms[target] = sum(float(g.abs().max()) for g in vdp._grads(x, teacher))
+    assert norms["soft"] < 1e-6 and norms["hard"] > 1e-4
 
 
 def test_vdp_ablations_have_one_prompt(net, shifted) -> None:

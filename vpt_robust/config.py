@@ -323,7 +323,7 @@ STREAM_PROTOCOLS = (
 
 class AdaptMethodConfig(Block):
     """One test-time adaptation method of the stream_adapt stage: ``method`` is a registered
-    adapter (``vpt_robust.methods.tta.ADAPTERS``: source, tent, cotta, vdp, vdp_dap_only,
+    adapter (``vpt_robust.methods.tta.ADAPTERS``: source, norm, tent, cotta, vdp, vdp_dap_only,
     vdp_dsp_only, vdp_no_homeostasis, tpt); every other field is an argument of the method,
     validated by the method's own argument model here, so a bad argument stops before anything
     runs. ``name`` names its results (default: the method)."""

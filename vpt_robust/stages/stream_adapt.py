@@ -109,6 +109,14 @@ def check_models(params: Params, backbone: Backbone, class_names: list[str] | No
             f"adapt.methods: {tpt} tune CLIP's text context; backbone.source "
             f"{params.backbone.source!r} has no text tower"
         )
+    norm = [m.label for m in params.adapt.methods if m.method == "norm"]
+    if norm and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.model.modules()
+    ):
+        raise ValueError(
+            f"adapt.methods: {norm} normalise with test-batch BatchNorm statistics; backbone.source "
+            f"{params.backbone.source!r} has no BatchNorm layer (norm is the source model there)"
+        )
 
 
 def source_model(
@@ -228,12 +236,23 @@ def _cost(runs: list[StreamResult], source: list[StreamResult] | None) -> dict[s
     return out
 
 
+def _domain(row: dict[str, Any]) -> tuple[str, int]:
+    return row["corruption"], row["severity"]
+
+
 def summarise(
     results: dict[str, list[StreamResult]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per method: mean/late error over seeds, the per-domain table in stream order, the cost;
-    and the curve rows of ``aggregate_stream``."""
-    table, curve = aggregate_stream({n: [r.rows for r in runs] for n, runs in results.items()})
+    """Per method: mean/late error over seeds, the per-domain table in stream order (one row per
+    domain when the protocol draws its order per seed: mixed, random orders), the cost; and the
+    curve rows of ``aggregate_stream``."""
+    rows = {n: [r.rows for r in runs] for n, runs in results.items()}
+    orders = {
+        tuple((r["run"], r["segment"]) + _domain(r) for r in seed)
+        for v in rows.values()
+        for seed in v
+    }
+    table, curve = aggregate_stream(rows, by_domain=len(orders) > 1)
     out: dict[str, Any] = {}
     for name, runs in results.items():
         out[name] = {

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from vpt_robust.config import AdaptConfig, Params, StreamConfig
-from vpt_robust.corruptions import CorruptionStream
+from vpt_robust.corruptions import CORRUPTIONS, CorruptionStream
 from vpt_robust.corruptions.streams import CorruptionSource, GeneratedSource
 from vpt_robust.data.embedded import load_embedded
 from vpt_robust.metrics import as_float_images, mean_std
@@ -93,8 +93,27 @@ def stream_errors(
     }
 
 
+def _domain_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (corruption, severity), in order of first appearance, its error pooled
+    over the stream's rows of that domain (weighted by their sample counts)."""
+    pooled: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        acc = pooled.setdefault((r["corruption"], r["severity"]), [0.0, 0])
+        acc[0] += r["error"] * r["n"]
+        acc[1] += r["n"]
+    return [
+        {"corruption": c, "severity": s, "error": w / n, "n": n}
+        for (c, s), (w, n) in pooled.items()
+    ]
+
+
+def _standard_order(row: dict[str, Any]) -> tuple[int, str, int]:
+    c = row["corruption"]
+    return (CORRUPTIONS.index(c) if c in CORRUPTIONS else len(CORRUPTIONS), c, row["severity"])
+
+
 def aggregate_stream(
-    per_seed: dict[str, list[list[dict[str, Any]]]],
+    per_seed: dict[str, list[list[dict[str, Any]]]], *, by_domain: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per model, its seeds' per-segment errors (`stream_errors` rows, one list per seed, all
     in the same stream order) -> (results, curve rows).
@@ -102,18 +121,29 @@ def aggregate_stream(
     results[model] = {"stream": per position the row with `error` = mean over seeds,
     `error_std` and `errors` (one per seed); "mean_error": mean/std/values over seeds of each
     seed's mean error over the stream}; curve rows = (model, position, domain, mean error).
-    Seeds whose streams differ (order, corruption, severity) are an error, not averaged."""
+    Seeds whose streams differ (order, corruption, severity) are an error, not averaged; with
+    ``by_domain`` (protocols whose order is drawn per seed: mixed, random orders) the table
+    has one row per domain instead, pooled within each seed, and the domains must agree."""
     results: dict[str, Any] = {}
     curve_rows = []
     for name, runs in per_seed.items():
         if not runs or not runs[0]:
             raise ValueError(f"per_seed[{name!r}]: no stream rows to aggregate")
-        domain = [(r["run"], r["segment"], r["corruption"], r["severity"]) for r in runs[0]]
+        overall = [sum(r["error"] for r in rows) / len(rows) for rows in runs]
+        if by_domain:
+            runs = [_domain_rows(rows) for rows in runs]
+            runs = [sorted(rows, key=_standard_order) for rows in runs]
+        key = (
+            ("corruption", "severity")
+            if by_domain
+            else ("run", "segment", "corruption", "severity")
+        )
+        domain = [tuple(r[k] for k in key) for r in runs[0]]
         for k, rows in enumerate(runs[1:], start=1):
-            other = [(r["run"], r["segment"], r["corruption"], r["severity"]) for r in rows]
-            if other != domain:
+            if [tuple(r[k_] for k_ in key) for r in rows] != domain:
+                what = "domains differ" if by_domain else "stream order differs"
                 raise ValueError(
-                    f"per_seed[{name!r}][{k}]: its stream order differs from seed 0's; "
+                    f"per_seed[{name!r}][{k}]: its {what} from seed 0's; "
                     "per-position means need the same stream for every seed"
                 )
         table = []
@@ -129,7 +159,6 @@ def aggregate_stream(
                     "error": mean,
                 }
             )
-        overall = [sum(r["error"] for r in rows) / len(rows) for rows in runs]
         m, s = mean_std(overall)
         results[name] = {"mean_error": {"mean": m, "std": s, "values": overall}, "stream": table}
     return results, curve_rows

@@ -4,7 +4,7 @@
 (a prompted CLIP classifier, a plain BatchNorm CNN) and returns an ``Adapter``:
 ``adapter(images) -> logits`` adapts on the batch and predicts it; ``predict``, ``reset``,
 ``state_dict`` / ``load_state_dict`` (``base.py``). Methods, one module each: ``source``,
-``tent``, ``cotta`` (``baselines.py``); ``vdp`` and its ablations ``vdp_dap_only``,
+``norm``, ``tent``, ``cotta`` (``baselines.py``); ``vdp`` and its ablations ``vdp_dap_only``,
 ``vdp_dsp_only``, ``vdp_no_homeostasis`` (``vdp.py``); ``tpt`` (``tpt.py``). The stream runner
 is ``vpt_robust.methods.stream_runner.run_stream``.
 """

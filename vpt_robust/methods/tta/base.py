@@ -84,6 +84,20 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+def use_batch_statistics(model: nn.Module) -> int:
+    """Make every BatchNorm of ``model`` normalise with the current batch's statistics (running
+    statistics dropped, never updated), as Tent, CoTTA and BN adaptation do; call it on a copy.
+    Returns the number of BatchNorm layers changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+            n += 1
+    return n
+
+
 def make_optimizer(
     params: list[nn.Parameter] | list[dict[str, Any]], kind: str, lr: float, **kw: Any
 ) -> torch.optim.Optimizer:

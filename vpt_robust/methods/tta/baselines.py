@@ -1,4 +1,5 @@
-"""The baselines of continual test-time adaptation: source, Tent and CoTTA.
+"""The baselines of continual test-time adaptation: source, norm (test-batch statistics), Tent,
+CoTTA.
 
 Facts from the papers and the anchor benchmark (mariodoebler/test-time-adaptation,
 ``methods/tent.py``, ``methods/cotta.py``, ``augmentations/transforms_cotta.py``; read, not
@@ -27,6 +28,7 @@ from vpt_robust.methods.tta.base import (
     mean_confidence,
     register_adapter,
     soft_cross_entropy,
+    use_batch_statistics,
 )
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -62,6 +64,26 @@ def _source(model: nn.Module, args: SourceArgs) -> Adapter:
     return SourceAdapter(model, args)
 
 
+class NormAdapter(SourceAdapter):
+    """Test-time normalisation (BN adaptation, Schneider et al., NeurIPS 2020): the source model
+    with every BatchNorm normalising with the test batch's statistics; nothing is learned.
+    Works on a copy: the wrapped model is never written. The reference that separates what a
+    method gains from batch statistics alone from what it learns."""
+
+    def __init__(self, model: nn.Module, args: AdapterArgs) -> None:
+        model = copy.deepcopy(model)
+        if use_batch_statistics(model) == 0:
+            raise ValueError(
+                "norm: the model has no BatchNorm layer to normalise with batch statistics"
+            )
+        super().__init__(model, args)
+
+
+@register_adapter("norm", SourceArgs)
+def _norm(model: nn.Module, args: SourceArgs) -> Adapter:
+    return NormAdapter(model, args)
+
+
 class OptimArgs(AdapterArgs):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -86,12 +108,9 @@ def configure_norms(model: nn.Module, *, trainable: Literal["norm", "all"]) -> l
     """
     model.eval()
     model.requires_grad_(False)
+    use_batch_statistics(model)
     params: list[nn.Parameter] = []
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
         if trainable == "norm" and isinstance(m, NORM_TYPES):
             for name in ("weight", "bias"):
                 p = getattr(m, name, None)

@@ -2,19 +2,29 @@
 
 No official code exists; every choice the paper leaves open is written here and is an argument.
 
-- Frozen source. The model is never written: every forward runs under ``frozen(model)`` (eval
+- Frozen source. No weight is ever written: every forward runs under ``frozen(model)`` (eval
   mode, no parameter requiring grad; flags restored), gradients are taken with
-  ``torch.autograd.grad`` w.r.t. the prompts only, so no ``.grad`` lands on the model.
+  ``torch.autograd.grad`` w.r.t. the prompts only, so no ``.grad`` lands on the model. The
+  paper's backbones are ViTs (LayerNorm only); on a BatchNorm model ``batch_stats`` (default)
+  runs a copy whose BatchNorm layers normalise with the test batch's statistics, as every CTTA
+  baseline does (the ``norm`` adapter is that copy alone, the reference for what the prompts
+  add); ``batch_stats=False`` keeps the source's running statistics.
 - Prompts (``vpt_robust.prompts.domain.DomainPrompt``): additive rings on the [0,1] input at
   the resolution of the incoming images (sized from the first batch): the domain-agnostic
   prompt (DAP) on the outer ``dap_width`` px, the domain-specific prompt (DSP) on the
   ``dsp_width`` px ring just inside it (1 px each by default: 12% and 11% of a 32 px image).
   Zero init, so before adapting VDP predicts exactly as the source model.
 - Teacher-student as in CoTTA: the teacher holds an EMA (``ema``, 0.999) of the student's
-  prompts; its prediction on the batch (averaged over ``n_augmentations`` CoTTA augmentations
-  when the source model's mean confidence is below ``confidence``) is both VDP's output and the
-  student's soft target; one Adam step (``lr``) per batch on the student prompts' cross-entropy
-  to it. No stochastic restore (the source weights never move).
+  prompts; its prediction on the batch is VDP's output (``output="teacher"``; ``"ensemble"``
+  returns the augmentation average instead, as CoTTA does: measured worse on the 32 px model).
+  The student's target is the teacher's prediction averaged over ``n_augmentations`` CoTTA
+  augmentations when the source model's mean confidence is below ``confidence``, else the
+  teacher's plain prediction; ``steps`` Adam steps (``lr``) per batch on the student prompts'
+  cross-entropy to it: soft (``target="soft"``, the paper's) or to its argmax (``"hard"``,
+  optionally only where the target's top probability reaches ``pseudo_threshold``). Without
+  augmented views the soft target is the student's own prediction: its gradient is zero up to
+  rounding (which Adam still turns into steps of size ~lr); the hard target still has a
+  gradient. No stochastic restore (the source weights never move).
 - Homeostasis (synaptic-intelligence-like importance, on the DAP only): per DAP value, omega
   accumulates ``relu(-g * delta)``, the first-order loss decrease the value's applied change
   ``delta`` earned with this step's gradient ``g``. With T steps so far, the relative importance
@@ -36,6 +46,7 @@ import copy
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -48,6 +59,7 @@ from vpt_robust.methods.tta.base import (
     mean_confidence,
     register_adapter,
     soft_cross_entropy,
+    use_batch_statistics,
 )
 from vpt_robust.prompts.domain import DomainPrompt
 
@@ -55,6 +67,7 @@ from vpt_robust.prompts.domain import DomainPrompt
 class VDPArgs(AdapterArgs):
     prompts: Literal["both", "dap", "dsp"] = "both"
     homeostasis: bool = True
+    batch_stats: bool = True
     dap_width: int = Field(1, ge=1)
     dsp_width: int = Field(1, ge=1)
     lr: float = Field(5e-3, gt=0)
@@ -63,6 +76,10 @@ class VDPArgs(AdapterArgs):
     confidence: float = Field(0.92, ge=0, le=1)
     n_augmentations: int = Field(32, ge=1)
     soft_augment: bool = False
+    output: Literal["teacher", "ensemble"] = "teacher"
+    target: Literal["soft", "hard"] = "soft"
+    pseudo_threshold: float = Field(0.0, ge=0, lt=1)
+    steps: int = Field(1, ge=1)
     importance: float = Field(0.1, ge=0)
     shift_momentum: float = Field(0.8, ge=0, lt=1)
     shift_threshold: float = Field(0.1, gt=0)
@@ -85,6 +102,9 @@ class VDPAdapter(Adapter):
     """Domain-agnostic + domain-specific input prompts on a frozen model (see module doc)."""
 
     def __init__(self, model: nn.Module, args: VDPArgs) -> None:
+        if args.batch_stats:
+            model = copy.deepcopy(model)
+            use_batch_statistics(model)
         super().__init__(model, args)
         self.kinds = {"both": ("dap", "dsp"), "dap": ("dap",), "dsp": ("dsp",)}[args.prompts]
         self.size: int | None = None
@@ -189,10 +209,14 @@ class VDPAdapter(Adapter):
             return
         self.conf_ema = a.shift_momentum * self.conf_ema + (1 - a.shift_momentum) * conf
 
-    def _teacher_logits(self, images: torch.Tensor, conf: float) -> torch.Tensor:
+    def _teacher_logits(
+        self, images: torch.Tensor, conf: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher on the batch, and its target (the augmentation average when unsure)."""
         a = self.args
+        plain = self.forward(self.model, self._prompted(images, self.teacher))
         if conf >= a.confidence:
-            return self.forward(self.model, self._prompted(images, self.teacher))
+            return plain, plain
         views = [
             self.forward(
                 self.model,
@@ -200,7 +224,7 @@ class VDPAdapter(Adapter):
             ).float()
             for _ in range(a.n_augmentations)
         ]
-        return torch.stack(views).mean(0)
+        return plain, torch.stack(views).mean(0)
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         self._ensure(images)
@@ -209,14 +233,26 @@ class VDPAdapter(Adapter):
             with torch.no_grad():
                 conf = float(mean_confidence(self.forward(self.model, images)))
                 self._detect_shift(conf)
-                teacher = self._teacher_logits(images, conf)
-            student = self.forward(self.model, self._prompted(images, self.student))
+                plain, teacher = self._teacher_logits(images, conf)
+            for _ in range(self.args.steps):
+                grads = self._grads(images, teacher)
+                self.counts["backward"] += images.shape[0]
+                self._step(dict(zip(self.kinds, grads, strict=True)))
+        return teacher if self.args.output == "ensemble" else plain
+
+    def _grads(self, images: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gradients of the student's loss against the teacher's target, w.r.t. the prompts."""
+        a = self.args
+        student = self.forward(self.model, self._prompted(images, self.student)).float()
+        if a.target == "hard":
+            probs = teacher.float().softmax(-1)
+            keep = (probs.amax(-1) >= a.pseudo_threshold).float()
+            ce = F.cross_entropy(student, probs.argmax(-1), reduction="none")
+            loss = (ce * keep).sum() / keep.sum().clamp_min(1.0)
+        else:
             loss = soft_cross_entropy(student, teacher).mean()
-            params = [self.student[k].delta for k in self.kinds]
-            grads = torch.autograd.grad(loss, params)
-        self.counts["backward"] += images.shape[0]
-        self._step(dict(zip(self.kinds, grads, strict=True)))
-        return teacher
+        params = [self.student[k].delta for k in self.kinds]
+        return torch.autograd.grad(loss, params, allow_unused=False)
 
     def _step(self, grads: dict[str, torch.Tensor]) -> None:
         assert self.opt is not None
