@@ -58,8 +58,25 @@ def task_runner_for(cfg: GridConfig) -> DaskTaskRunner:
     )
 
 
+def match_worker_threads() -> int | None:
+    """In a Dask worker, give torch the worker's own thread count (its share of the machine)
+    instead of every core: two workers with torch on both cores of a 2-core machine ran the grid
+    at 0.49x the serial run (bench/grid.py). ``runtime.threads`` in params still wins (it is
+    applied when the cell loads its context). Returns the count set, None outside a worker."""
+    import torch
+    from distributed import get_worker
+
+    try:
+        n = int(get_worker().state.nthreads)
+    except ValueError:
+        return None
+    torch.set_num_threads(n)
+    return n
+
+
 @task(name="grid-cell", retries=0, cache_policy=NO_CACHE)
 def grid_cell(params: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:
+    match_worker_threads()
     return grid.evaluate_cell(validate(params), grid.Cell(**cell))
 
 

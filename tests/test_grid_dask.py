@@ -155,3 +155,27 @@ def test_unknown_grid_models_are_named() -> None:
     params = validate({"grid": {"models": ["zero_shot", "nope"]}})
     with pytest.raises(ValueError, match=r"grid.models: \['nope'\] are not among"):
         enumerate_cells(params)
+
+
+def _torch_threads_in_a_worker() -> tuple[int | None, int]:
+    import torch
+
+    from flows.grid import match_worker_threads
+
+    torch.set_num_threads(2)  # what torch takes on this machine by default
+    return match_worker_threads(), torch.get_num_threads()
+
+
+def test_torch_in_a_dask_worker_takes_the_workers_thread_count() -> None:
+    from distributed import Client, LocalCluster
+
+    from flows.grid import match_worker_threads
+
+    assert match_worker_threads() is None  # not in a worker: nothing changes
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as c,
+        Client(c) as client,
+    ):
+        assert client.submit(_torch_threads_in_a_worker).result() == (1, 1)

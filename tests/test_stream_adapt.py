@@ -115,7 +115,9 @@ def test_the_stage_writes_every_method_in_the_stream_eval_shape(project, smoke_r
     assert set(saved["protocols"]) == {"continual", "correlated", "mixed"}
     # mixed draws its order per seed: one row per domain, in the standard order
     mixed = saved["protocols"]["mixed"]["results"]["source"]["stream"]
-    assert [r["corruption"] for r in mixed] == cfg.corruptions and len(mixed[0]["errors"]) == n_seeds
+    assert [r["corruption"] for r in mixed] == cfg.corruptions and len(
+        mixed[0]["errors"]
+    ) == n_seeds
     assert saved["protocols"]["continual"]["results"] == saved["results"]
     assert saved["protocols"]["correlated"]["stream"]["dirichlet"] == cfg.dirichlet
     # The curve (dvc plot) holds every method's per-domain error of the default protocol.
