@@ -13,7 +13,7 @@ No official code exists; every choice the paper leaves open is written here and 
   the resolution of the incoming images (sized from the first batch): the domain-agnostic
   prompt (DAP) on the outer ``dap_width`` px, the domain-specific prompt (DSP) on the
   ``dsp_width`` px ring just inside it (1 px each by default: 12% and 11% of a 32 px image).
-  Zero init, so before adapting VDP predicts exactly as the source model.
+  Zero init, so before adapting VDP predicts exactly as its frozen source (tested).
 - Teacher-student as in CoTTA: the teacher holds an EMA (``ema``, 0.999) of the student's
   prompts; its prediction on the batch is VDP's output (``output="teacher"``; ``"ensemble"``
   returns the augmentation average instead, as CoTTA does: measured worse on the 32 px model).
@@ -252,7 +252,7 @@ class VDPAdapter(Adapter):
         else:
             loss = soft_cross_entropy(student, teacher).mean()
         params = [self.student[k].delta for k in self.kinds]
-        return torch.autograd.grad(loss, params, allow_unused=False)
+        return torch.autograd.grad(loss, params)
 
     def _step(self, grads: dict[str, torch.Tensor]) -> None:
         assert self.opt is not None
