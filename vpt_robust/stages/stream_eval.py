@@ -131,8 +131,7 @@ def aggregate_stream(
             raise ValueError(f"per_seed[{name!r}]: no stream rows to aggregate")
         overall = [sum(r["error"] for r in rows) / len(rows) for rows in runs]
         if by_domain:
-            runs = [_domain_rows(rows) for rows in runs]
-            runs = [sorted(rows, key=_standard_order) for rows in runs]
+            runs = [sorted(_domain_rows(rows), key=_standard_order) for rows in runs]
         key = (
             ("corruption", "severity")
             if by_domain
@@ -141,11 +140,13 @@ def aggregate_stream(
         domain = [tuple(r[k] for k in key) for r in runs[0]]
         for k, rows in enumerate(runs[1:], start=1):
             if [tuple(r[k_] for k_ in key) for r in rows] != domain:
-                what = "domains differ" if by_domain else "stream order differs"
-                raise ValueError(
-                    f"per_seed[{name!r}][{k}]: its {what} from seed 0's; "
-                    "per-position means need the same stream for every seed"
+                what = (
+                    "domains differ from seed 0's; per-domain means need the same domains"
+                    if by_domain
+                    else "stream order differs from seed 0's; per-position means need the "
+                    "same stream for every seed"
                 )
+                raise ValueError(f"per_seed[{name!r}][{k}]: its {what}")
         table = []
         for i, row in enumerate(runs[0]):
             errors = [r[i]["error"] for r in runs]
