@@ -11,7 +11,7 @@ from _attack_models import eval_data, single_thread, trained_cnn  # noqa: F401
 from _autoattack_short import short_autoattack  # noqa: F401
 from pytest import approx
 
-from vpt_robust.config import validate
+from vpt_robust.config import ConfigError, validate
 from vpt_robust.stages.evaluate import autoattack_subset, eps_label, evaluate_model, metric_names
 
 
@@ -169,3 +169,18 @@ def test_headline_table_marks_metrics_a_split_did_not_run() -> None:
     table = headline_table(evaluation)
     assert "| zero_shot | base | 50.0 ± 10.0 | 50.0 ± 10.0 |" in table
     assert "| zero_shot | novel | 50.0 ± 10.0 | – |" in table
+
+
+def test_autoattack_runs_on_the_chosen_models_and_splits_only() -> None:
+    from vpt_robust.stages.evaluate import _autoattacked
+
+    chosen = validate(
+        {"evaluate": {"autoattack": {"models": ["zero_shot", "padding"], "splits": ["base"]}}}
+    )
+    assert _autoattacked(chosen, "zero_shot", "base") and _autoattacked(chosen, "padding", "base")
+    assert not _autoattacked(chosen, "evp", "base")
+    assert not _autoattacked(chosen, "padding", "novel")
+    every = validate({"evaluate": {"autoattack": {"models": None}}})
+    assert _autoattacked(every, "evp", "base")
+    with pytest.raises(ConfigError, match=r"evaluate.autoattack.models: \['vpt'\] are not"):
+        validate({"evaluate": {"autoattack": {"models": ["vpt"]}}})

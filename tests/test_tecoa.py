@@ -234,6 +234,7 @@ def test_a_short_tecoa_run_raises_robust_accuracy_over_zero_shot(bb: Backbone) -
 
 # --- the stage, on smoke-sized data with an untrained tiny CLIP (numbers mean nothing) ---
 
+AA_METHODS = ["zero_shot", "tecoa_vpt", "tecoa_finetune"]
 STAGE_OVERRIDES = {
     "data": {"per_class_style": 6, "max_prompt_train": 48, "max_test": 24},
     "train": {"epochs": 1, "batch_size": 16},
@@ -247,6 +248,7 @@ STAGE_OVERRIDES = {
         "autoattack_eps": ["4/255"],
         "autoattack_samples": 6,
         "autoattack_splits": ["novel", "base"],
+        "autoattack_methods": AA_METHODS,
         "variants": [
             {"name": "vpt", "kind": "vpt", "length": 2, "train": {"lr": 0.1}},
             {"name": "padding", "kind": "padding", "pad_size": 4, "train": {"lr": 1.0}},
@@ -305,7 +307,8 @@ def test_tecoa_stage_writes_the_zero_shot_table_and_loadable_prompts(stage_proje
     for name in names:
         assert set(out["results"][name]) == {"novel", "heldout_styles", "base"}
         for split, cells in out["results"][name].items():
-            assert list(cells) == (metrics if split != "heldout_styles" else metrics[:3])
+            attacked = split != "heldout_styles" and name in AA_METHODS
+            assert list(cells) == (metrics if attacked else metrics[:3]), (name, split)
             cell = cells["pgd_Linf_4/255"]
             assert cell["values"] and cell["mean"] <= cells["clean"]["mean"]
     sizes = out["protocol"]["sizes"]
@@ -373,3 +376,12 @@ def test_the_clip_preset_is_the_paper_and_fails_clearly_offline(stage_project) -
     assert cfg.variants[0].args["length"] == 100 and cfg.variants[1].args["pad_size"] == 30
     with pytest.raises(BackboneError, match="not reachable"):
         stage.run(params, disabled_run())
+
+
+def test_autoattack_methods_must_name_the_stages_methods() -> None:
+    from vpt_robust.config import ConfigError, validate
+
+    params = validate({"tecoa": {"autoattack_methods": ["zero_shot", "tecoa_vpt"]}})
+    assert params.tecoa.method_names()[:2] == ["zero_shot", "clean_vpt"]
+    with pytest.raises(ConfigError, match=r"tecoa.autoattack_methods: \['vpt'\] are not methods"):
+        validate({"tecoa": {"autoattack_methods": ["vpt"]}})

@@ -279,6 +279,7 @@ class AutoAttackConfig(Block):
     n_samples: int = Field(100, ge=1)
     subset_seed: int = 0
     splits: list[Literal["base", "novel"]] = Field(default_factory=lambda: ["base"], min_length=1)
+    models: list[str] | None = Field(None, min_length=1)  # null = every model evaluated
     fast: bool = False
 
 
@@ -568,7 +569,7 @@ class TeCoAConfig(Block):
     Evaluation: PGD-``eval_steps`` at every ``eval_eps`` (step ``alpha_factor * eps / steps``)
     on ``n_test`` images per split, AutoAttack at ``autoattack_eps`` on a fixed subset of
     ``autoattack_samples`` (seeded by ``autoattack_seed``), on the first seed, on the
-    ``autoattack_splits``. ``finetune: true``
+    ``autoattack_splits``, for the ``autoattack_methods`` (null: all). ``finetune: true``
     adds TeCoA fine-tuning of the whole image tower (text frozen; ``finetune_train`` overrides),
     the only method whose backbone weights train; its saved file records ``finetune: true``.
     """
@@ -593,6 +594,7 @@ class TeCoAConfig(Block):
     autoattack_splits: list[str] = Field(
         default_factory=lambda: ["novel", "heldout_styles", "base"]
     )
+    autoattack_methods: list[str] | None = Field(None, min_length=1)  # null = every method
     data: TeCoAData | None = None
     variants: list[PromptConfig] = Field(
         default_factory=lambda: [PromptConfig(kind="vpt", name="vpt", length=32)], min_length=1
@@ -632,7 +634,24 @@ class TeCoAConfig(Block):
         bad = [s for s in self.autoattack_splits if s not in known]
         if bad:
             raise ValueError(f"tecoa.autoattack_splits: {bad} are not evaluation splits {known}")
+        if self.autoattack_methods is not None:
+            names = self.method_names()
+            bad = [m for m in self.autoattack_methods if m not in names]
+            if bad:
+                raise ValueError(f"tecoa.autoattack_methods: {bad} are not methods {names}")
         return self
+
+    def method_names(self) -> list[str]:
+        """The table's rows in order: zero-shot, the first variant's clean and no-text
+        baselines, each TeCoA variant, TeCoA fine-tuning."""
+        v0 = self.variants[0].family_name("zero_shot")
+        return [
+            "zero_shot",
+            *([f"clean_{v0}"] if self.clean_prompt else []),
+            *([f"no_text_{v0}"] if self.no_text else []),
+            *(f"tecoa_{v.family_name('zero_shot')}" for v in self.variants),
+            *(["tecoa_finetune"] if self.finetune else []),
+        ]
 
 
 class StreamsAttackConfig(Block):
@@ -784,6 +803,14 @@ class Params(Block):
                 f"data.base_classes: {self.data.base_classes} must be < {len(CLASS_NAMES)} "
                 "(the embedded data's class count) so that held-out classes remain"
             )
+        chosen = self.evaluate.autoattack.models
+        if chosen is not None:
+            known = ["zero_shot", *(p.family_name(self.head.kind) for p in self.prompts)]
+            bad = [m for m in chosen if m not in known]
+            if bad:
+                raise ValueError(
+                    f"evaluate.autoattack.models: {bad} are not evaluated models {known}"
+                )
         return self
 
 

@@ -232,6 +232,11 @@ def write_outputs(
     return files
 
 
+def _autoattacked(params: Params, model: str, split: str) -> bool:
+    aa = params.evaluate.autoattack
+    return split in aa.splits and (aa.models is None or model in aa.models)
+
+
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
     device = setup_runtime(params)
@@ -258,7 +263,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
                     params,
                     device=device,
                     seed=seed,
-                    run_autoattack=i == 0 and split in params.evaluate.autoattack.splits,
+                    run_autoattack=i == 0 and _autoattacked(params, name, split),
                 )
                 raw.setdefault(name, {}).setdefault(split, []).append(row)
                 flags += [{"model": name, "split": split, "seed": seed, **r} for r in rows]

@@ -221,6 +221,7 @@ def methods(params: Params) -> list[Method]:
     rows += [Method(f"tecoa_{v.family_name('zero_shot')}", "tecoa", v) for v in cfg.variants]
     if cfg.finetune:
         rows.append(Method("tecoa_finetune", "finetune"))
+    assert [m.name for m in rows] == cfg.method_names()
     return rows
 
 
@@ -360,6 +361,11 @@ def _eval_model(
     )
 
 
+def _autoattacked(params: Params, method: str, split: str) -> bool:
+    chosen = params.tecoa.autoattack_methods
+    return split in params.tecoa.autoattack_splits and (chosen is None or method in chosen)
+
+
 def _evaluate_all(
     names: list[str],
     backbone: Backbone,
@@ -377,7 +383,7 @@ def _evaluate_all(
                 model = _eval_model(name, seed, backbone, split, params)
                 row, _ = evaluate_model(
                     model, split.images, split.labels, split.index, ev, device=device, seed=seed,
-                    run_autoattack=i == 0 and split_name in params.tecoa.autoattack_splits,
+                    run_autoattack=i == 0 and _autoattacked(params, name, split_name),
                 )  # fmt: skip
                 check_autoattack_not_above_pgd(row, n_aa, f"{name} on {split_name}, seed {seed}")
                 raw.setdefault(name, {}).setdefault(split_name, []).append(row)
