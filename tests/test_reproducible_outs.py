@@ -62,6 +62,13 @@ def test_two_clean_runs_in_other_dirs_write_identical_outs(
     for out in OUTS:
         a, b = _tree_hash(first / out), _tree_hash(second / out)
         assert a and a == b, f"outputs/{out} differs between two clean runs"
+    metrics_a, metrics_b = (
+        _tree_hash(first.parent / "metrics"),
+        _tree_hash(second.parent / "metrics"),
+    )
+    assert {f"{s}.json" for s in STAGES} <= set(metrics_a), sorted(metrics_a)
+    assert metrics_a == metrics_b, "metrics/ (dvc metrics) differ between two clean runs"
+    for out in (*OUTS, "../metrics"):
         for f in (second / out).rglob("*.json"):
             assert str(tmp_path) not in f.read_text(), f"{f} holds an absolute path"
     meta = json.loads((second / "prompts" / "padding" / "seed_0.json").read_text())

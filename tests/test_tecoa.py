@@ -13,7 +13,11 @@ from _autoattack_short import short_autoattack  # noqa: F401
 
 from vpt_robust.attacks import robust_accuracy
 from vpt_robust.config import BackboneConfig, HeadConfig, PromptConfig, TrainConfig
-from vpt_robust.methods.objectives import objective_identity
+from vpt_robust.methods.objectives import (
+    cross_entropy_objective,
+    forward_passes_per_image,
+    objective_identity,
+)
 from vpt_robust.methods.supervised import FrozenBackboneError, train_prompt
 from vpt_robust.methods.tecoa import (
     NoTextATObjective,
@@ -92,6 +96,18 @@ def test_tecoa_loss_equals_the_hand_computed_text_guided_loss(bb: Backbone) -> N
     # ... and on the clean batch it is NOT that value: the loss is on the adversarial images.
     clean = tecoa_loss(model, x, y, attack=PGDAttack(eps=0.0, steps=0, random_start=False))
     assert abs(float(clean.detach()) - float(expected)) > 1e-4
+
+
+def test_training_cost_counts_the_inner_attacks_forwards_and_leaves_no_trace(bb: Backbone) -> None:
+    model = _model(bb, PromptConfig(kind="vpt", length=2, dropout=0.5)).eval()
+    x, y = _data(4)
+    assert forward_passes_per_image(cross_entropy_objective, model, x, y) == 1.0
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state()
+    steps = forward_passes_per_image(TeCoAObjective(PGDAttack(steps=3)), model, x, y)
+    assert steps == 1.0 + 3  # three attack steps, then the loss's forward
+    assert torch.equal(torch.random.get_rng_state(), before)  # random start, dropout: forked
+    assert not model.training and all(p.grad is None for p in model.parameters())
 
 
 def test_heads_are_checked(bb: Backbone) -> None:
@@ -321,7 +337,10 @@ def test_tecoa_stage_writes_the_zero_shot_table_and_loadable_prompts(stage_proje
         assert meta["head"]["kind"] == "zero_shot"  # no_text: the linear head was dropped
         model = load_prompted_model(path, class_names=["cloud", "bolt"])
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 2)
-    assert out["training"]["tecoa_vpt"]["cost_vs_clean_prompt"] > 1  # 2 attack steps cost
+    passes = {k: v["forward_passes_per_image"] for k, v in out["training"].items()}
+    assert passes["clean_vpt"] == 1.0 and passes["no_text_vpt"] == passes["tecoa_vpt"] == 3.0
+    assert out["training"]["tecoa_vpt"]["cost_vs_clean_prompt"] == 3.0  # 2 attack steps + 1
+    assert "seconds_per_epoch" not in json.dumps(out)  # wall time goes to MLflow only
     curve = (layout.metrics / "tecoa_curve.csv").read_text().splitlines()
     assert curve[0] == "method,split,eps,robust_accuracy,std"
     assert len(curve) == 1 + len(names) * 3 * 3

@@ -46,6 +46,7 @@ __all__ = [
     "ObjectiveOutput",
     "cross_entropy_objective",
     "eval_mode",
+    "forward_passes_per_image",
     "objective_identity",
 ]
 
@@ -127,3 +128,29 @@ def objective_identity(objective: Any) -> dict[str, Any]:
         "callable object without `identity`); use a module-level function or a dataclass, give "
         "it an `identity` attribute, or set train.checkpoint false"
     )
+
+
+def forward_passes_per_image(
+    objective: Objective, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """Forward passes of ``model`` per image in one step of ``objective`` (an inner attack's
+    steps included): a training cost that is a function of the inputs, where wall time is not.
+    Counted on one batch in train mode; the RNGs, the gradients and the mode are left as they
+    were."""
+    count = 0
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        nonlocal count
+        count += args[0].shape[0]
+
+    was_training = model.training
+    devices = [images.device] if images.device.type == "cuda" else []
+    handle = model.register_forward_hook(hook)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            objective(model, images, labels)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return count / images.shape[0]

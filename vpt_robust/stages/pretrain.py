@@ -13,6 +13,8 @@ from vpt_robust.stages.common import Layout, load_splits, setup_runtime, write_j
 from vpt_robust.tracking import StageRun
 from vpt_robust.utils import seed_everything
 
+WALL_CLOCK = ("seconds", "images_per_second")  # MLflow only: dvc outs are functions of inputs
+
 
 def run(params: Params, run: StageRun) -> dict[str, Any]:
     layout = Layout.of(params)
@@ -47,6 +49,8 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         )
         save_clip_checkpoint(model.cpu(), layout.checkpoint)
         del model
+        timing = {k: result["pretrain"].pop(k) for k in WALL_CLOCK}
+        run.log_metrics({f"pretrain_{k}": v for k, v in timing.items()})
     backbone = backbone_for(params, device)
     result["backbone"] = backbone.identity
     n_base = params.data.base_classes

@@ -262,7 +262,9 @@ def _heatmaps(continual: dict[str, Any]) -> Any:
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.2), squeeze=False)
     for ax, (method, m) in zip(axes[0], matrices.items(), strict=True):
         acc = np.array(m["accuracy"], dtype=float)  # seeds x tasks x tasks, NaN = not yet seen
-        mean = 100 * np.nanmean(acc, axis=0) if np.isfinite(acc).any() else acc[0]
+        seen = np.isfinite(acc).any(axis=0)  # cells some seed measured (no empty-slice means)
+        mean = np.full(acc.shape[1:], np.nan)
+        mean[seen] = 100 * np.nanmean(acc[:, seen], axis=0)
         ax.imshow(mean, vmin=0, vmax=100, cmap="viridis")
         for (j, t), v in np.ndenumerate(mean):
             if np.isfinite(v):
@@ -391,6 +393,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         f"@subset columns: AutoAttack ({aa['version']}"
         f"{', fast torchattacks mode' if aa['fast'] else ''}) and, beside it, PGD on the same "
         f"fixed subset of {aa['n_samples']} samples of the {'/'.join(aa['splits'])} classes, "
+        f"{'models ' + ', '.join(aa['models']) + ', ' if aa.get('models') else ''}"
         "first seed only (compare AutoAttack with that PGD column, not with PGD on all samples)."
         if aa["enabled"]
         else "AutoAttack disabled."

@@ -105,7 +105,8 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             save_prompted_model(path, model, extra={**extra, "summary": saved_summary(summary)})
             for suffix in (".safetensors", ".json"):
                 run.log_artifact(path.with_suffix(suffix), f"prompts/{name}")
-            per_seed[str(seed)] = summary
+            run.log_metrics({f"{name}.seed{seed}.{k}": summary[k] for k in RUN_FACTS})
+            per_seed[str(seed)] = saved_summary(summary)
         entry: dict[str, Any] = {
             "prompt": family.model_dump(mode="json"),
             "head": family.head_kind(params.head.kind),
