@@ -86,6 +86,12 @@ def test_cells_cover_the_grid_in_the_evaluate_stages_order(pipeline_files) -> No
     )
     novel = [c for c in enumerate_cells(with_novel) if c.split == "novel"]
     assert len(novel) == 2 * 2 * (2 + 2)  # padding transfers to novel classes; no AutoAttack
+    aa = params.evaluate.autoattack.model_copy(update={"models": ["padding"]})
+    padding_only = params.model_copy(
+        update={"evaluate": params.evaluate.model_copy(update={"autoattack": aa})}
+    )
+    attacked = {c.model for c in enumerate_cells(padding_only) if c.kind == "autoattack"}
+    assert attacked == {"padding"}  # the models evaluate.autoattack.models names, as the stage
 
 
 def test_dask_grid_equals_the_serial_evaluation(prefect_harness, pipeline_files) -> None:

@@ -264,6 +264,7 @@ STAGE_OVERRIDES = {
         "autoattack_eps": ["4/255"],
         "autoattack_samples": 6,
         "autoattack_splits": ["novel", "base"],
+        "autoattack": True,
         "autoattack_methods": AA_METHODS,
         "variants": [
             {"name": "vpt", "kind": "vpt", "length": 2, "train": {"lr": 0.1}},

@@ -134,6 +134,7 @@ def test_stage_on_real_data_writes_one_row_per_eval_set(tmp_path: Path) -> None:
             "data": _data_block(train, tmp_path / "cifar"), "seeds": [0], "n_test": 10,
             "eval_eps": ["4/255"], "eval_steps": 2, "autoattack_eps": ["4/255"],
             "autoattack_samples": 4, "autoattack_splits": ["cifar10"], "autoattack_methods": None,
+            "autoattack": True,
             "variants": [{"name": "vpt", "kind": "vpt", "length": 2}],
             "clean_prompt": False, "no_text": False, "finetune": False,
         },

@@ -96,8 +96,9 @@ def grid_corruptions(params: Params) -> list[str]:
 
 def enumerate_cells(params: Params) -> list[Cell]:
     """Every cell of the grid in a fixed order: per (split, seed, model), PGD at each
-    ``evaluate.attack.eps``, AutoAttack at each ``evaluate.autoattack.eps`` (first seed and
-    ``autoattack.splits`` only, as the evaluate stage does), then each corruption x severity."""
+    ``evaluate.attack.eps``, AutoAttack at each ``evaluate.autoattack.eps`` (first seed,
+    ``autoattack.splits`` and ``autoattack.models`` only, as the evaluate stage does), then each
+    corruption x severity."""
     cfg = params.grid
     seeds = cfg.seeds or params.train.seeds
     aa = params.evaluate.autoattack
@@ -109,7 +110,13 @@ def enumerate_cells(params: Params) -> list[Cell]:
                     cells += [
                         Cell("pgd", model, split, seed, eps=e) for e in params.evaluate.attack.eps
                     ]
-                    if aa.enabled and split in aa.splits and seed == params.train.seeds[0]:
+                    chosen = aa.models is None or model in aa.models
+                    if (
+                        aa.enabled
+                        and chosen
+                        and split in aa.splits
+                        and seed == params.train.seeds[0]
+                    ):
                         cells += [Cell("autoattack", model, split, seed, eps=e) for e in aa.eps]
                 for corruption in grid_corruptions(params):
                     cells += [
