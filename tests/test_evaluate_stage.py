@@ -172,15 +172,17 @@ def test_headline_table_marks_metrics_a_split_did_not_run() -> None:
 
 
 def test_autoattack_runs_on_the_chosen_models_and_splits_only() -> None:
-    from vpt_robust.stages.evaluate import _autoattacked
+    from vpt_robust.stages.evaluate import autoattacked
 
     chosen = validate(
         {"evaluate": {"autoattack": {"models": ["zero_shot", "padding"], "splits": ["base"]}}}
     )
-    assert _autoattacked(chosen, "zero_shot", "base") and _autoattacked(chosen, "padding", "base")
-    assert not _autoattacked(chosen, "evp", "base")
-    assert not _autoattacked(chosen, "padding", "novel")
+    assert autoattacked(chosen, "zero_shot", "base") and autoattacked(chosen, "padding", "base")
+    assert not autoattacked(chosen, "evp", "base")
+    assert not autoattacked(chosen, "padding", "novel")
     every = validate({"evaluate": {"autoattack": {"models": None}}})
-    assert _autoattacked(every, "evp", "base")
+    assert autoattacked(every, "evp", "base")
+    off = validate({"evaluate": {"autoattack": {"enabled": False, "models": None}}})
+    assert not autoattacked(off, "zero_shot", "base")
     with pytest.raises(ConfigError, match=r"evaluate.autoattack.models: \['vpt'\] are not"):
         validate({"evaluate": {"autoattack": {"models": ["vpt"]}}})

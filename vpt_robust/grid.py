@@ -35,6 +35,7 @@ from vpt_robust.stages.evaluate import (
     FLAG_FIELDS,
     ZERO_SHOT,
     autoattack_subset,
+    autoattacked,
     eps_label,
     evaluate_model,
 )
@@ -110,13 +111,7 @@ def enumerate_cells(params: Params) -> list[Cell]:
                     cells += [
                         Cell("pgd", model, split, seed, eps=e) for e in params.evaluate.attack.eps
                     ]
-                    chosen = aa.models is None or model in aa.models
-                    if (
-                        aa.enabled
-                        and chosen
-                        and split in aa.splits
-                        and seed == params.train.seeds[0]
-                    ):
+                    if seed == params.train.seeds[0] and autoattacked(params, model, split):
                         cells += [Cell("autoattack", model, split, seed, eps=e) for e in aa.eps]
                 for corruption in grid_corruptions(params):
                     cells += [

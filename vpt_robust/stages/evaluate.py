@@ -232,9 +232,11 @@ def write_outputs(
     return files
 
 
-def _autoattacked(params: Params, model: str, split: str) -> bool:
+def autoattacked(params: Params, model: str, split: str) -> bool:
+    """Whether AutoAttack runs on ``model`` x ``split`` (on the first seed; the evaluate stage
+    and the Dask grid share this rule)."""
     aa = params.evaluate.autoattack
-    return split in aa.splits and (aa.models is None or model in aa.models)
+    return aa.enabled and split in aa.splits and (aa.models is None or model in aa.models)
 
 
 def run(params: Params, run: StageRun) -> dict[str, Any]:
@@ -263,7 +265,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
                     params,
                     device=device,
                     seed=seed,
-                    run_autoattack=i == 0 and _autoattacked(params, name, split),
+                    run_autoattack=i == 0 and autoattacked(params, name, split),
                 )
                 raw.setdefault(name, {}).setdefault(split, []).append(row)
                 flags += [{"model": name, "split": split, "seed": seed, **r} for r in rows]
