@@ -130,3 +130,14 @@ def test_importing_the_config_does_not_import_torch() -> None:
     code = "import sys, vpt_robust.config; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_pretrain_architecture_names_a_bad_field() -> None:
+    params = validate({"pretrain": {"architecture": {"depth": 4, "stem": "patch"}}})
+    assert params.pretrain.architecture == {"depth": 4, "stem": "patch"}
+    with pytest.raises(ConfigError, match=r"pretrain.architecture.*unknown tiny CLIP spec fields"):
+        validate({"pretrain": {"architecture": {"layers": 4}}})
+    with pytest.raises(ConfigError, match=r"pretrain.architecture.*stem: 'linear'"):
+        validate({"pretrain": {"architecture": {"stem": "linear"}}})
+    with pytest.raises(ConfigError, match=r"pretrain.architecture.*data.image_size"):
+        validate({"pretrain": {"architecture": {"image_size": 64}}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -207,3 +208,52 @@ def test_random_batches_cover_an_epoch_without_repeats() -> None:
     batches = RandomBatches(10, 3, torch.Generator().manual_seed(0))
     epoch = torch.cat([batches.next() for _ in range(3)])
     assert len(set(epoch.tolist())) == 9
+
+
+def test_patch_stem_is_timms_linear_patch_embedding_and_round_trips(tmp_path: Path) -> None:
+    from timm.layers import PatchEmbed
+
+    from vpt_robust.models.prompted_vit import vit_geometry
+
+    torch.manual_seed(0)
+    model = build_tiny_clip(**dict(SMALL, stem="patch", patch_size=8)).eval()
+    embed = model.visual.trunk.patch_embed
+    assert type(embed) is PatchEmbed and embed.proj.kernel_size == (8, 8)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules())
+    assert vit_geometry(model.visual).num_patches == 16
+    assert tiny_clip_name(model.tiny_clip_spec) != tiny_clip_name(
+        dataclasses.replace(model.tiny_clip_spec, stem="conv")
+    )
+    x = torch.rand(2, 3, 32, 32)
+    path = save_clip_checkpoint(model, tmp_path / "patch.safetensors")
+    loaded = load_tiny_clip(path).eval()
+    assert loaded.tiny_clip_spec.stem == "patch"
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+    with pytest.raises(ValueError, match="stem: 'linear'"):
+        build_tiny_clip(**dict(SMALL, stem="linear"))
+    with pytest.raises(ValueError, match="not divisible by the stem stride 5"):
+        build_tiny_clip(**dict(SMALL, stem="patch", patch_size=5))
+
+
+def test_pretrain_stage_builds_the_architecture_params_name(tmp_path: Path) -> None:
+    from vpt_robust.config import validate
+    from vpt_robust.data.versioning import ensure_data
+    from vpt_robust.stages import run_stage
+    from vpt_robust.stages.common import Layout
+
+    arch = dict(SMALL, stem="patch", patch_size=8, stem_channels=[8])
+    params = validate(
+        {
+            "paths": {k: str(tmp_path / k) for k in ("data", "outputs", "metrics")},
+            "data": {"per_class_style": 4, "max_prompt_train": 24, "max_test": 12},
+            "pretrain": {"steps": 2, "supervised_steps": 1, "batch_size": 32, "architecture": arch},
+            "runtime": {"device": "cpu", "threads": 1},
+            "tracking": {"enabled": False},
+        }
+    )
+    ensure_data(params, dvc_file=tmp_path / "absent.dvc")
+    run_stage("prepare", params)
+    run_stage("pretrain", params)
+    spec = load_tiny_clip(Layout.of(params).checkpoint).tiny_clip_spec
+    assert (spec.stem, spec.patch_size, spec.depth, spec.width) == ("patch", 8, 2, 32)

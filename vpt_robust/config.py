@@ -105,6 +105,19 @@ class PretrainConfig(Block):
     warmup_steps: int = Field(50, ge=0)
     augment: bool = False
     supervised_steps: int = Field(300, ge=0)
+    architecture: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """``TinyClipSpec`` fields that change the embedded model (``{}``: the default one)."""
+        if "image_size" in value:
+            raise ValueError("pretrain.architecture: image_size is set by data.image_size")
+        if value:
+            from vpt_robust.models.tiny_clip import TinyClipSpec
+
+            TinyClipSpec.from_dict(value)
+        return value
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

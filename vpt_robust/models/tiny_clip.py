@@ -2,8 +2,8 @@
 
 No CLIP weights can be downloaded here, so the default pipeline pretrains this model itself.
 The image tower is a timm ``VisionTransformer`` whose tokens come from a small convolutional stem
-(a plain patchify ViT trained from scratch for minutes stays near chance: it lacks the image
-prior), so token prompts (VPT, L2P, TeCoA) see an ordinary ``[CLS, patches]`` sequence. The text
+(a plain patchify ViT, ``stem="patch"``, pretrained for minutes stays near chance: it lacks the
+image prior; README), so token prompts (VPT, L2P, TeCoA) see an ordinary ``[CLS, patches]`` sequence. The text
 tower is open_clip's standard transformer with its standard BPE tokenizer (vocabulary 49,408),
 so templates and CoOp work exactly as on real CLIP.
 
@@ -59,8 +59,10 @@ class TinyClipSpec:
     """Architecture of the tiny CLIP; the defaults are the embedded pipeline's model."""
 
     image_size: int = 32
+    stem: str = "conv"
     stem_channels: tuple[int, ...] = (32, 64, 128)
     stem_depth: int = 2
+    patch_size: int = 4
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -74,7 +76,11 @@ class TinyClipSpec:
     vocab_size: int = 49408
 
     def __post_init__(self) -> None:
-        stride = 2 ** len(self.stem_channels)
+        if self.stem not in ("conv", "patch"):
+            raise ValueError(f"stem: {self.stem!r} is not 'conv' or 'patch'")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size: {self.patch_size} must be >= 1")
+        stride = self.stride
         if self.image_size % stride:
             raise ValueError(
                 f"image_size: {self.image_size} is not divisible by the stem stride {stride}"
@@ -88,7 +94,8 @@ class TinyClipSpec:
 
     @property
     def stride(self) -> int:
-        return 2 ** len(self.stem_channels)
+        """Pixels per token side: the conv stem's total stride, or the linear patch size."""
+        return self.patch_size if self.stem == "patch" else 2 ** len(self.stem_channels)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -219,15 +226,18 @@ def _register_timm(spec: TinyClipSpec) -> str:
             mlp_ratio=spec.mlp_ratio,
             class_token=True,
             global_pool=spec.pool,
-            embed_layer=partial(ConvStem, channels=spec.stem_channels, depth=spec.stem_depth),
         )
+        if spec.stem == "conv":
+            model_args["embed_layer"] = partial(
+                ConvStem, channels=spec.stem_channels, depth=spec.stem_depth
+            )
         cfg = {
             "architecture": name,
             "input_size": (3, spec.image_size, spec.image_size),
             "mean": OPENAI_DATASET_MEAN,
             "std": OPENAI_DATASET_STD,
             "num_classes": 0,
-            "first_conv": "patch_embed.stem.0",
+            "first_conv": "patch_embed.stem.0" if spec.stem == "conv" else "patch_embed.proj",
             "classifier": "head",
         }
         kwargs.pop("pretrained_cfg", None)

@@ -31,7 +31,7 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
         from vpt_robust.models.tiny_clip import build_tiny_clip, save_clip_checkpoint
 
         seed_everything(params.data.seed)
-        model = build_tiny_clip(image_size=params.data.image_size)
+        model = build_tiny_clip(image_size=params.data.image_size, **params.pretrain.architecture)
         cfg = params.pretrain
         result["pretrain"] = pretrain_clip(
             model,
