@@ -106,3 +106,23 @@ def test_walk_reports_a_value_that_does_not_take_effect() -> None:
     assert _mismatches({"eps": ["4/255", True]}, {"eps": [4 / 255, 1]}, "") == [
         "eps.1: the preset sets True, the stages use 1"
     ]
+
+
+def test_full_preset_runs_at_least_the_reference_budget() -> None:
+    """full.yaml is the paper-faithful run: every budget of reference.yaml or more, and AutoAttack
+    on every model and TeCoA method (the default attacks one of each, and a preset that does not
+    say otherwise inherits that)."""
+    full = load_params(PARAMS_YAML, preset="full")
+    ref = load_params(PARAMS_YAML, preset="reference")
+    assert full.pretrain.supervised_steps >= ref.pretrain.supervised_steps
+    assert full.pretrain.steps >= ref.pretrain.steps
+    for size in ("max_test", "max_prompt_train"):
+        stated = getattr(full.data, size)
+        assert stated is None or stated >= (getattr(ref.data, size) or stated), size
+    for block in ("train", "adapt", "tecoa", "continual"):
+        assert set(getattr(full, block).seeds) >= set(getattr(ref, block).seeds), block
+    assert full.evaluate.autoattack.enabled and full.evaluate.autoattack.models is None
+    assert full.evaluate.autoattack.n_samples >= ref.evaluate.autoattack.n_samples
+    assert full.tecoa.autoattack and full.tecoa.autoattack_methods is None
+    assert full.tecoa.autoattack_samples >= ref.tecoa.autoattack_samples
+    assert {m.label for m in full.adapt.methods} >= {m.label for m in ref.adapt.methods}
