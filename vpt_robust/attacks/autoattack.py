@@ -21,7 +21,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -252,39 +253,35 @@ def autoattack(
     path = Path(resume_path) if resume_path is not None else None
     state = _load_resume(path, config) if path is not None else {"clean": {}, "robust": {}}
 
-    aa_logger = logging.getLogger("auto-attack")
-    old_level = aa_logger.level
-    aa_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     wrapped: nn.Module = _Logits(model, amp_dtype)
     if compile_model:
         wrapped = torch.compile(wrapped)
 
-    try:
-        with eval_mode(model):
-            first = images[: min(n, 32)].to(dev)
-            n_classes = _probe(wrapped, first, deterministic=check and version == "standard")
-            _clean_pass(wrapped, images, labels, state, batch_size, dev)
-            if path is not None:
-                _save_resume(path, config, state)
+    with _autoattack_log_level(verbose), eval_mode(model):
+        first = images[: min(n, 32)].to(dev)
+        n_classes = _probe(wrapped, first, deterministic=check and version == "standard")
+        _clean_pass(wrapped, images, labels, state, batch_size, dev)
+        if path is not None:
+            _save_resume(path, config, state)
 
-            attacker, steps = _make_attacker(
-                wrapped, version, norm, eps, seed, dev, fast, n_classes, first
-            )
-            _attack_survivors(
-                attacker,
-                steps,
-                images,
-                labels,
-                state,
-                desc=f"{name} {norm} eps={eps:.4g}",
-                batch_size=batch_size,
-                chunk_size=chunk_size,
-                save=(lambda: _save_resume(path, config, state)) if path is not None else None,
-            )
-    finally:
-        aa_logger.setLevel(old_level)
+        attacker, steps = _make_attacker(
+            wrapped, version, norm, eps, seed, dev, fast, n_classes, first
+        )
+        _attack_survivors(
+            attacker,
+            steps,
+            images,
+            labels,
+            state,
+            desc=f"{name} {norm} eps={eps:.4g}",
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            save=(lambda: _save_resume(path, config, state)) if path is not None else None,
+        )
 
     clean, robust = _flags(state, n)
+    amp = str(amp_dtype).replace("torch.", "") if amp_dtype else None
+    params = {"version": version, "fast": fast, "seed": seed, "batch_size": batch_size}
     result = RobustResult(
         attack=name,
         norm=norm,
@@ -292,17 +289,23 @@ def autoattack(
         clean_correct=clean,
         robust_correct=robust,
         indices=indices,
-        params={
-            "version": version,
-            "fast": fast,
-            "seed": seed,
-            "batch_size": batch_size,
-            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        },
+        params=params | {"amp_dtype": amp},
     )
     if check:
         checks.check_robust_not_above_clean(result)
     return result
+
+
+@contextmanager
+def _autoattack_log_level(verbose: bool) -> Iterator[None]:
+    """pyautoattack logs every attack's progress at INFO: quiet unless ``verbose``."""
+    aa_logger = logging.getLogger("auto-attack")
+    old_level = aa_logger.level
+    aa_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        aa_logger.setLevel(old_level)
 
 
 def _make_attacker(

@@ -274,13 +274,7 @@ def pretrain_clip(
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         with autocast:
-            img_f = F.normalize(model.encode_image(normalize(x)).float(), dim=-1)
-            # Identical captions have identical features: encode each distinct one once.
-            uniq_cid, inverse = torch.unique(cid, return_inverse=True)
-            variant = torch.randint(n_var, (len(uniq_cid),), generator=gen).to(device)
-            txt = model.encode_text(tokens[uniq_cid * n_var + variant])
-            txt_f = F.normalize(txt.float(), dim=-1)[inverse]
-            loss = multi_positive_clip_loss(img_f, txt_f, model.logit_scale.exp().float(), cid)
+            loss = _contrastive_loss(model, normalize(x), cid, tokens, n_var, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -292,14 +286,8 @@ def pretrain_clip(
             model.logit_scale.clamp_(0, max_log_scale)
         losses.append(loss.item())
         if on_step is not None and (step % log_every == 0 or step == steps - 1):
-            on_step(
-                step,
-                {
-                    "loss": losses[-1],
-                    "lr": current_lr,
-                    "logit_scale": model.logit_scale.exp().item(),
-                },
-            )
+            scale = model.logit_scale.exp().item()
+            on_step(step, {"loss": losses[-1], "lr": current_lr, "logit_scale": scale})
     seconds = time.perf_counter() - start
     model.eval()
     tenth = max(1, steps // 10)
@@ -313,3 +301,22 @@ def pretrain_clip(
         "supervised_steps": float(supervised_steps),
         **({"supervised_final_loss": warm_loss} if warm_loss is not None else {}),
     }
+
+
+def _contrastive_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    caption_ids: torch.Tensor,
+    tokens: torch.Tensor,
+    n_variants: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The multi-positive CLIP loss of normalised images ``x`` against one randomly drawn
+    wording (of ``n_variants``) of each image's caption."""
+    img_f = F.normalize(model.encode_image(x).float(), dim=-1)
+    # Identical captions have identical features: encode each distinct one once.
+    uniq_cid, inverse = torch.unique(caption_ids, return_inverse=True)
+    variant = torch.randint(n_variants, (len(uniq_cid),), generator=gen).to(x.device)
+    txt = model.encode_text(tokens[uniq_cid * n_variants + variant])
+    txt_f = F.normalize(txt.float(), dim=-1)[inverse]
+    return multi_positive_clip_loss(img_f, txt_f, model.logit_scale.exp().float(), caption_ids)
