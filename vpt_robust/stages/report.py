@@ -388,20 +388,53 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
     tecoa = _read(layout, "tecoa")
     continual = _read(layout, "continual")
     table = headline_table(evaluation)
-    aa = evaluation["autoattack"]
-    aa_note = (
+    zs = pretrain["zero_shot"]
+    rows = protocol_rows(evaluation, stream, adapt, tecoa, continual)
+    protocol = protocol_markdown(rows)
+    stages = {"prepare": prepare, "pretrain": pretrain, "evaluate": evaluation}
+    stages.update(stream_eval=stream, stream_adapt=adapt, tecoa=tecoa, continual=continual)
+    text = _report_markdown(params, stages, table, protocol)
+    out_dir = layout.outputs / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    (out_dir / "protocol_table.md").write_text(protocol + "\n")
+    fig = _plot(evaluation, out_dir / "robustness.png")
+    run.log_text(text, "report.md")
+    run.log_figure(fig, "robustness.png")
+    browsed = {k: v for k, v in stages.items() if k not in ("prepare", "pretrain")}
+    log_browsable(run, params, pretrain["backbone"], browsed, rows)
+    summary = {
+        "table": table,
+        "zero_shot": zs,
+        "stream_mean_error": {m: r["mean_error"] for m, r in stream["results"].items()},
+    }
+    write_json(layout.metrics_file("report"), summary)
+    return summary
+
+
+def _autoattack_note(aa: dict[str, Any]) -> str:
+    """What the @subset columns of the headline table are."""
+    if not aa["enabled"]:
+        return "AutoAttack disabled."
+    return (
         f"@subset columns: AutoAttack ({aa['version']}"
         f"{', fast torchattacks mode' if aa['fast'] else ''}) and, beside it, PGD on the same "
         f"fixed subset of {aa['n_samples']} samples of the {'/'.join(aa['splits'])} classes, "
         f"{'models ' + ', '.join(aa['models']) + ', ' if aa.get('models') else ''}"
         "first seed only (compare AutoAttack with that PGD column, not with PGD on all samples)."
-        if aa["enabled"]
-        else "AutoAttack disabled."
     )
+
+
+def _report_markdown(
+    params: Params, stages: dict[str, dict[str, Any]], table: str, protocol: str
+) -> str:
+    """report.md: the protocol table, then each stage's own table with what it measured."""
+    prepare, pretrain, evaluation = stages["prepare"], stages["pretrain"], stages["evaluate"]
+    stream, adapt, tecoa = stages["stream_eval"], stages["stream_adapt"], stages["tecoa"]
+    continual = stages["continual"]
     zs = pretrain["zero_shot"]
-    rows = protocol_rows(evaluation, stream, adapt, tecoa, continual)
-    protocol = protocol_markdown(rows)
-    text = "\n".join(
+    aa_note = _autoattack_note(evaluation["autoattack"])
+    return "\n".join(
         [
             "# vpt-robust report",
             "",
@@ -450,20 +483,3 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
             "",
         ]
     )
-    out_dir = layout.outputs / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(text)
-    (out_dir / "protocol_table.md").write_text(protocol + "\n")
-    fig = _plot(evaluation, out_dir / "robustness.png")
-    run.log_text(text, "report.md")
-    run.log_figure(fig, "robustness.png")
-    stages = {"evaluate": evaluation, "stream_eval": stream, "stream_adapt": adapt}
-    stages.update(tecoa=tecoa, continual=continual)
-    log_browsable(run, params, pretrain["backbone"], stages, rows)
-    summary = {
-        "table": table,
-        "zero_shot": zs,
-        "stream_mean_error": {m: r["mean_error"] for m, r in stream["results"].items()},
-    }
-    write_json(layout.metrics_file("report"), summary)
-    return summary

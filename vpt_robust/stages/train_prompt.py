@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vpt_robust.config import Params
+from vpt_robust.config import Params, PromptConfig, TrainConfig
 from vpt_robust.data.embedded import load_embedded
 from vpt_robust.methods.optim import autocast_dtype
 from vpt_robust.methods.supervised import train_prompt
@@ -23,6 +23,25 @@ from vpt_robust.stages.build import (
 from vpt_robust.stages.common import Layout, load_splits, setup_runtime, write_json
 from vpt_robust.tracking import StageRun
 from vpt_robust.utils import seed_everything
+
+
+def _family_entry(
+    params: Params, family: PromptConfig, train_cfg: TrainConfig, per_seed: dict[str, Any]
+) -> dict[str, Any]:
+    """One family's row of metrics/train_prompt.json: its settings, every seed's summary and
+    the mean ± std over seeds (novel-class accuracy only when every seed measured it)."""
+    seeds = per_seed.values()
+    entry: dict[str, Any] = {
+        "prompt": family.model_dump(mode="json"),
+        "head": family.head_kind(params.head.kind),
+        "train": train_cfg.model_dump(),
+        "learned_values": next(iter(seeds))["learned_values"],
+        "seeds": per_seed,
+        "test_base_acc": _stats([s["test_base_acc"] for s in seeds]),
+    }
+    if all("test_novel_acc" in s for s in seeds):
+        entry["test_novel_acc"] = _stats([s["test_novel_acc"] for s in seeds])
+    return entry
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -107,24 +126,13 @@ def run(params: Params, run: StageRun) -> dict[str, Any]:
                 run.log_artifact(path.with_suffix(suffix), f"prompts/{name}")
             run.log_metrics({f"{name}.seed{seed}.{k}": summary[k] for k in RUN_FACTS})
             per_seed[str(seed)] = saved_summary(summary)
-        entry: dict[str, Any] = {
-            "prompt": family.model_dump(mode="json"),
-            "head": family.head_kind(params.head.kind),
-            "train": train_cfg.model_dump(),
-            "learned_values": next(iter(per_seed.values()))["learned_values"],
-            "seeds": per_seed,
-            "test_base_acc": _stats([s["test_base_acc"] for s in per_seed.values()]),
-        }
-        if all("test_novel_acc" in s for s in per_seed.values()):
-            entry["test_novel_acc"] = _stats([s["test_novel_acc"] for s in per_seed.values()])
-        results[name] = entry
+        results[name] = entry = _family_entry(params, family, train_cfg, per_seed)
         run.log_metrics(
-            {f"{name}.test_base_acc_mean": entry["test_base_acc"]["mean"]}
-            | (
-                {f"{name}.test_novel_acc_mean": entry["test_novel_acc"]["mean"]}
-                if "test_novel_acc" in entry
-                else {}
-            )
+            {
+                f"{name}.{split}_mean": entry[split]["mean"]
+                for split in ("test_base_acc", "test_novel_acc")
+                if split in entry
+            }
         )
     result = {"seeds": list(params.train.seeds), "families": results}
     write_json(layout.metrics_file("train_prompt"), result)
