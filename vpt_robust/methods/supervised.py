@@ -324,6 +324,25 @@ def _train_epoch(
     return meter.result()
 
 
+def _trainable(
+    model: PromptedClassifier, images: torch.Tensor, labels: torch.Tensor, finetune: bool
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The named parameters train_prompt optimises, after checking the data and the model."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} training images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("no training images")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if finetune and not any(p.requires_grad for p in model.backbone.image_model.parameters()):
+        raise ValueError(
+            "finetune=True but the image tower has no trainable weights: build the model with "
+            "vpt_robust.methods.tecoa.finetune_classifier"
+        )
+    if not named:
+        raise ValueError("the model has nothing to train: no prompt or head parameters")
+    return named
+
+
 def train_prompt(
     model: PromptedClassifier,
     images: torch.Tensor,
@@ -356,19 +375,8 @@ def train_prompt(
     baseline only) lets the image tower's weights train, when the model was built for it
     (``methods.tecoa.finetune_classifier``); otherwise any backbone weight that trains is an error.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} training images but {len(labels)} labels")
-    if len(images) == 0:
-        raise ValueError("no training images")
+    named = _trainable(model, images, labels, finetune)
     objective = cross_entropy_objective if objective is None else objective
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if finetune and not any(p.requires_grad for p in model.backbone.image_model.parameters()):
-        raise ValueError(
-            "finetune=True but the image tower has no trainable weights: build the model with "
-            "vpt_robust.methods.tecoa.finetune_classifier"
-        )
-    if not named:
-        raise ValueError("the model has nothing to train: no prompt or head parameters")
     model.to(device).train()
     optimizer = make_optimizer(named, cfg)
     total = cfg.epochs * -(-len(images) // cfg.batch_size)
