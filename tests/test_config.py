@@ -141,3 +141,28 @@ def test_pretrain_architecture_names_a_bad_field() -> None:
         validate({"pretrain": {"architecture": {"stem": "linear"}}})
     with pytest.raises(ConfigError, match=r"pretrain.architecture.*data.image_size"):
         validate({"pretrain": {"architecture": {"image_size": 64}}})
+
+
+def test_an_empty_or_missing_params_file_is_an_error_not_the_defaults(tmp_path: Path) -> None:
+    # `vpt-robust params --preset X > params.yaml` empties the file before it is read: merged
+    # over the models' defaults, the preset would run another pipeline (one prompt family).
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"params.yaml: the file is empty .*--output"):
+        load_params(empty, preset="full")
+    with pytest.raises(ConfigError, match="config file not found: .*absent.yaml"):
+        load_params(tmp_path / "absent.yaml", preset="full")
+
+
+def test_params_output_rewrites_the_params_file_it_reads(tmp_path: Path, capsys) -> None:
+    from vpt_robust.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text((root / "params.yaml").read_text())
+    args = ["params", "--params", str(params_file), "--preset", "full", "-o", str(params_file)]
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"wrote {params_file}\n"
+    assert load_params(params_file) == load_params(root / "params.yaml", preset="full")
+    assert main(["params", "--params", str(params_file)]) == 0  # stdout: the same params
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(params_file.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,16 @@ def _runs(root: Path) -> list:
     return client.search_runs([exp.experiment_id], max_results=100)
 
 
+def _params_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work in ``tmp_path`` with the project's params.yaml (presets merge over it)."""
+    shutil.copy(Path(__file__).resolve().parent.parent / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+
+
 def test_pipeline_flow_runs_all_stages(prefect_harness, tmp_path: Path, monkeypatch) -> None:
     from flows.pipeline import pipeline
 
-    monkeypatch.chdir(tmp_path)
+    _params_here(tmp_path, monkeypatch)
     state = pipeline(preset="smoke", params_file="params.yaml", return_state=True)
     assert state.is_completed(), state
     result = state.result()
@@ -63,7 +70,7 @@ def test_a_failing_stage_fails_the_flow_and_its_parent_run(
 ) -> None:
     from flows.pipeline import pipeline
 
-    monkeypatch.chdir(tmp_path)  # no data, no splits: evaluate fails at once
+    _params_here(tmp_path, monkeypatch)  # no data, no splits: evaluate fails at once
     state = pipeline(preset="smoke", stages=["evaluate"], materialise=False, return_state=True)
     assert state.is_failed()
     runs = _runs(tmp_path)
@@ -78,7 +85,7 @@ def test_a_failing_stage_fails_the_flow_and_its_parent_run(
 def test_flow_rejects_unknown_stage(prefect_harness, tmp_path: Path, monkeypatch) -> None:
     from flows.pipeline import pipeline
 
-    monkeypatch.chdir(tmp_path)
+    _params_here(tmp_path, monkeypatch)
     state = pipeline(preset="smoke", stages=["nope"], materialise=False, return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match="'nope'"):

@@ -60,9 +60,8 @@ def _make_repo(root: Path) -> Path:
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q", "--force"], root)
     shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")  # dvc init writes its own
-    (root / "params.yaml").write_text(
-        _run([str(BIN / "vpt-robust"), "params", "--preset", "smoke"], root)
-    )
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    _run([str(BIN / "vpt-robust"), "params", "--preset", "smoke", "-o", "params.yaml"], root)
     assert "version it with `dvc add data`" in _run(["vpt-robust", "data"], root)
     _run(["dvc", "add", "-q", "data"], root)
     return root

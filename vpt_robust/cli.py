@@ -110,7 +110,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     import yaml
 
-    print(yaml.safe_dump(_params(args).model_dump(mode="json"), sort_keys=False), end="")
+    text = yaml.safe_dump(_params(args).model_dump(mode="json"), sort_keys=False)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)  # read first, replaced whole: the params file may be the one read
+    print(f"wrote {out}")
     return 0
 
 
@@ -244,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="print the merged, validated params (e.g. to write a preset's params.yaml)"
     )
     _add_config_args(p)
+    p.add_argument(
+        "-o", "--output", help="write them to this file (it may be the params file itself)"
+    )
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("predict", help="top-k classes of an image or a folder with a saved prompt")

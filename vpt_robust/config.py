@@ -891,9 +891,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        # An empty params file would validate to the models' defaults, another pipeline.
+        raise ConfigError(
+            f"{path}: the file is empty (a shell redirect `vpt-robust params ... > {path.name}` "
+            f"empties it before the command reads it: write it with `vpt-robust params ... "
+            f"--output {path.name}`)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of blocks, got {type(data).__name__}")
     return data
@@ -918,11 +925,14 @@ def load_params(
 ) -> Params:
     """params.yaml, then a preset, then explicit overrides, merged and validated.
 
+    The params file must exist and hold blocks: the models' own defaults are not a pipeline
+    (they differ from params.yaml), so a preset is never merged over them alone.
+
     A ``prompt:`` block in any of them is an error naming the file it came from (and those that
     set ``prompts``): merged, the two would make one of them silently take no effect."""
-    sources: list[tuple[str, dict[str, Any]]] = []
-    if Path(params_file).exists() or not preset:
-        sources.append((_shown(Path(params_file)), _read_yaml(Path(params_file))))
+    sources: list[tuple[str, dict[str, Any]]] = [
+        (_shown(Path(params_file)), _read_yaml(Path(params_file)))
+    ]
     if preset:
         path = preset_path(preset)
         sources.append((_shown(path), _read_yaml(path)))
