@@ -166,3 +166,7 @@ def test_params_output_rewrites_the_params_file_it_reads(tmp_path: Path, capsys)
     assert load_params(params_file) == load_params(root / "params.yaml", preset="full")
     assert main(["params", "--params", str(params_file)]) == 0  # stdout: the same params
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(params_file.read_text())
+    assert (
+        main(["params", "--params", str(params_file), "-o", str(tmp_path / "no" / "p.yaml")]) == 2
+    )
+    assert "the folder" in capsys.readouterr().err and params_file.read_text()

@@ -115,6 +115,8 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     out = Path(args.output)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--output {out}: the folder {out.parent} does not exist")
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(text)
     tmp.replace(out)  # read first, replaced whole: the params file may be the one read
